@@ -1,0 +1,203 @@
+//! One policy connection: read bounded requests, decide, answer, repeat.
+//!
+//! Generic over `AsyncRead + AsyncWrite`, so it runs the same on TCP, unix
+//! sockets and `tokio::io::duplex` in tests.
+//!
+//! - Every complete request in the buffer is answered, in order, and the
+//!   answers go out in one write (pipelined requests cost one syscall).
+//! - Shutdown is checked only between requests: a request that has been read
+//!   whole always gets its answer; a partial one is dropped.
+//! - Each request must arrive whole within `idle_timeout` of the previous
+//!   answer (or of the connection's start). That closes idle connections and
+//!   bounds how long a client trickling bytes can hold a slot.
+//! - The buffer holds at most one partial request (bounded by the protocol's
+//!   limits) plus one read.
+
+use std::fmt;
+use std::io;
+use std::sync::atomic::Ordering;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::{timeout_at, Instant};
+use tokio_util::sync::CancellationToken;
+
+use super::Shared;
+use crate::policy::{evaluate, Charged, ConnectionMemory};
+use crate::protocol::{encode_action, Escaped, Parser, PolicyRequest, ProtocolError};
+
+/// First size of a connection's read buffer: a Postfix request is about 700
+/// bytes, and an idle connection should cost little.
+const INITIAL_BUFFER: usize = 1024;
+/// The buffer grows (doubling) when less than this is free for a read.
+const MIN_READ: usize = 512;
+
+/// Who is on the other end, for logs.
+#[derive(Debug, Clone)]
+pub enum Peer {
+    /// A TCP client.
+    Tcp(std::net::SocketAddr),
+    /// A client of the unix socket.
+    Unix,
+}
+
+impl fmt::Display for Peer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Peer::Tcp(a) => write!(f, "{a}"),
+            Peer::Unix => f.write_str("unix-socket client"),
+        }
+    }
+}
+
+/// Why a connection ended.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectionError {
+    /// The client broke the protocol or its bounds; closed without a reply.
+    #[error("{0}")]
+    Protocol(#[from] ProtocolError),
+    /// No whole request within `idle_timeout`.
+    #[error("idle timeout")]
+    IdleTimeout,
+    /// Reading or writing failed.
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+/// Serves one connection until the client closes it, an error, or shutdown.
+///
+/// # Errors
+///
+/// See [`ConnectionError`]; the caller logs it with the peer.
+pub async fn serve<S>(
+    mut stream: S,
+    shared: &Shared,
+    shutdown: &CancellationToken,
+) -> Result<(), ConnectionError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut parser = Parser::new(shared.bounds);
+    let mut memory = ConnectionMemory::default();
+    let mut buf: Vec<u8> = Vec::with_capacity(INITIAL_BUFFER);
+    let mut out: Vec<u8> = Vec::with_capacity(256);
+    let mut deadline = Instant::now() + shared.idle_timeout;
+    loop {
+        let mut start = 0;
+        while let Some((req, len)) = parser.parse(&buf[start..])? {
+            answer(&req, shared, &mut memory, &mut out);
+            start += len;
+        }
+        buf.drain(..start);
+        if !out.is_empty() {
+            stream.write_all(&out).await?;
+            out.clear();
+            deadline = Instant::now() + shared.idle_timeout;
+        }
+        if shutdown.is_cancelled() {
+            return Ok(());
+        }
+        if buf.capacity() - buf.len() < MIN_READ {
+            buf.reserve(buf.len().max(INITIAL_BUFFER));
+        }
+        let read = tokio::select! {
+            r = timeout_at(deadline, stream.read_buf(&mut buf)) => r,
+            () = shutdown.cancelled() => return Ok(()),
+        };
+        match read {
+            Err(_elapsed) => return Err(ConnectionError::IdleTimeout),
+            Ok(Err(e)) => return Err(e.into()),
+            Ok(Ok(0)) => {
+                if !buf.is_empty() {
+                    log::debug!(
+                        "partial request of {} bytes dropped at end of connection",
+                        buf.len()
+                    );
+                }
+                return Ok(());
+            }
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// Decides one request and appends its answer to `out`.
+fn answer(
+    req: &PolicyRequest<'_>,
+    shared: &Shared,
+    memory: &mut ConnectionMemory,
+    out: &mut Vec<u8>,
+) {
+    let now = shared.clock.now();
+    let policy = &shared.policy;
+    let decision = evaluate(req, policy, &shared.store, now, memory);
+    shared.stats.record(decision.kind);
+    if decision.wrong_stage {
+        shared.warn_wrong_stage(req.protocol_state, now);
+    }
+    if let Some(charged) = &decision.charged {
+        if charged.amount > 0 || !charged.outcome.accepted {
+            log_charge(req, charged);
+        }
+    }
+    encode_action(decision.action.as_str(policy), out);
+}
+
+/// The Perl daemon's line, one per charged request (SPEC §8). Every value from
+/// the request is written through [`Escaped`].
+fn log_charge(req: &PolicyRequest<'_>, c: &Charged<'_>) {
+    let o = &c.outcome;
+    let (status, level) = if !o.accepted {
+        ("OVER_QUOTA", log::Level::Warn)
+    } else if o.inserted {
+        ("INSERT", log::Level::Info)
+    } else {
+        ("UPDATE", log::Level::Info)
+    };
+    let target = if status == "INSERT" {
+        crate::logging::NOTICE
+    } else {
+        module_path!()
+    };
+    let queue_id = if req.queue_id.is_empty() {
+        "NOQUEUE"
+    } else {
+        req.queue_id
+    };
+    log::log!(
+        target: target,
+        level,
+        "{}: client={}[{}], sasl_method={}, sasl_username={}, recipient_count={}, curr_count={}/{}, status={}",
+        Escaped(queue_id),
+        Escaped(req.client_name),
+        Escaped(req.client_address),
+        Escaped(req.sasl_method),
+        Escaped(&c.key),
+        c.amount,
+        o.used,
+        o.quota,
+        status
+    );
+}
+
+/// Runs [`serve`] and accounts for the connection in the stats and the log.
+pub(super) async fn handle<S>(stream: S, peer: Peer, shared: &Shared, shutdown: &CancellationToken)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let stats = &shared.stats;
+    stats.connections_open.fetch_add(1, Ordering::Relaxed);
+    stats.connections_total.fetch_add(1, Ordering::Relaxed);
+    match serve(stream, shared, shutdown).await {
+        Ok(()) => {}
+        Err(ConnectionError::Protocol(e)) => {
+            stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+            log::warn!("closing connection from {peer}: {e}");
+        }
+        Err(ConnectionError::IdleTimeout) => {
+            stats.idle_timeouts.fetch_add(1, Ordering::Relaxed);
+            log::debug!("closing idle connection from {peer}");
+        }
+        Err(ConnectionError::Io(e)) => log::debug!("connection from {peer} failed: {e}"),
+    }
+    stats.connections_open.fetch_sub(1, Ordering::Relaxed);
+}

@@ -1,0 +1,256 @@
+//! The policy listener: accept, check the peer, serve each connection in its
+//! own task.
+//!
+//! - At most `max_connections` connections are served at once. A permit is
+//!   taken *before* accepting, so past the limit new clients wait in the
+//!   kernel's backlog until a slot frees; nothing crashes and nobody is
+//!   dropped.
+//! - TCP peers outside `allowed_clients` are closed without a reply and logged.
+//! - Accept errors (for example running out of file descriptors) are logged
+//!   and retried after a short, growing pause.
+//! - On shutdown the listener stops accepting, each connection finishes the
+//!   request it is answering, and [`run`] returns when all have closed (or
+//!   after [`SHUTDOWN_GRACE`]).
+
+pub mod connection;
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::clock::Clock;
+use crate::config::ListenAddr;
+use crate::policy::Policy;
+use crate::protocol::Bounds;
+use crate::stats::Stats;
+use crate::store::CounterStore;
+use connection::{handle, Peer};
+
+/// How long shutdown waits for open connections to finish their request.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// What every connection task shares.
+pub struct Shared {
+    /// The limits and answers.
+    pub policy: Policy,
+    /// The counters.
+    pub store: Arc<CounterStore>,
+    /// Wall-clock time for windows.
+    pub clock: Arc<dyn Clock>,
+    /// Counters for `status`.
+    pub stats: Arc<Stats>,
+    /// Protocol bounds.
+    pub bounds: Bounds,
+    /// See [`connection`]: time allowed for each whole request.
+    pub idle_timeout: Duration,
+    /// TCP peers allowed to connect.
+    pub allowed_clients: Vec<IpNet>,
+    /// Unix seconds of the last "wrong stage" warning, to warn once a minute.
+    last_stage_warning: AtomicI64,
+}
+
+impl Shared {
+    /// Bundles the parts a connection needs.
+    pub fn new(
+        policy: Policy,
+        store: Arc<CounterStore>,
+        clock: Arc<dyn Clock>,
+        stats: Arc<Stats>,
+        idle_timeout: Duration,
+        allowed_clients: Vec<IpNet>,
+    ) -> Self {
+        Shared {
+            policy,
+            store,
+            clock,
+            stats,
+            bounds: Bounds::default(),
+            idle_timeout,
+            allowed_clients,
+            last_stage_warning: AtomicI64::new(i64::MIN),
+        }
+    }
+
+    /// Whether a TCP peer may connect. IPv4-mapped IPv6 addresses count as IPv4.
+    pub fn is_allowed(&self, addr: &SocketAddr) -> bool {
+        let ip = addr.ip().to_canonical();
+        self.allowed_clients.iter().any(|net| net.contains(&ip))
+    }
+
+    /// Warns, at most once a minute, that requests arrive at a stage that is
+    /// not `charge_stage`.
+    fn warn_wrong_stage(&self, state: &str, now: i64) {
+        let last = self.last_stage_warning.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= 60
+            && self
+                .last_stage_warning
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            log::warn!(
+                "requests arrive at protocol_state={} but charge_stage={}: they are checked, not charged; \
+                 is check_policy_service in the restriction list you meant?",
+                crate::protocol::Escaped(state),
+                self.policy.charge_stage
+            );
+        }
+    }
+}
+
+/// A bound listening socket.
+#[derive(Debug)]
+pub enum Listener {
+    /// TCP, IPv4 or IPv6.
+    Tcp(TcpListener),
+    /// A unix stream socket; the file is removed when the server stops.
+    Unix(UnixListener, PathBuf),
+}
+
+impl Listener {
+    /// Binds `addr`. A unix socket gets mode 0660; a stale socket file left by
+    /// a crashed daemon is replaced, a live one is an error.
+    ///
+    /// # Errors
+    ///
+    /// The address cannot be bound, or another process listens on the socket.
+    pub async fn bind(addr: &ListenAddr) -> io::Result<Listener> {
+        match addr {
+            ListenAddr::Tcp(a) => Ok(Listener::Tcp(TcpListener::bind(a).await?)),
+            ListenAddr::Unix(path) => {
+                remove_stale_socket(path).await?;
+                let l = UnixListener::bind(path)?;
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+                Ok(Listener::Unix(l, path.clone()))
+            }
+        }
+    }
+
+    /// The address actually bound (the port chosen for port 0).
+    pub fn local_addr(&self) -> io::Result<ListenAddr> {
+        match self {
+            Listener::Tcp(l) => l.local_addr().map(ListenAddr::Tcp),
+            Listener::Unix(_, p) => Ok(ListenAddr::Unix(p.clone())),
+        }
+    }
+}
+
+/// Removes `path` if it is a socket nobody listens on.
+///
+/// # Errors
+///
+/// `AddrInUse` when a process answers on it.
+pub async fn remove_stale_socket(path: &Path) -> io::Result<()> {
+    if !path.exists() {
+        return Ok(());
+    }
+    if tokio::net::UnixStream::connect(path).await.is_ok() {
+        return Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!("another process is listening on {}", path.display()),
+        ));
+    }
+    std::fs::remove_file(path)
+}
+
+/// Serves `listener` until `shutdown` is cancelled and every connection closed.
+pub async fn run(
+    listener: Listener,
+    shared: Arc<Shared>,
+    max_connections: usize,
+    shutdown: CancellationToken,
+) {
+    let permits = Arc::new(Semaphore::new(max_connections));
+    let tracker = TaskTracker::new();
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        let permit = tokio::select! {
+            p = Arc::clone(&permits).acquire_owned() => p.expect("the semaphore is never closed"),
+            () = shutdown.cancelled() => break,
+        };
+        let accepted = tokio::select! {
+            a = accept(&listener) => a,
+            () = shutdown.cancelled() => break,
+        };
+        match accepted {
+            Ok(conn) => {
+                backoff = Duration::from_millis(10);
+                spawn_connection(conn, &shared, &tracker, &shutdown, permit);
+            }
+            Err(e) => {
+                log::error!("accept failed, retrying in {backoff:?}: {e}");
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = shutdown.cancelled() => break,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+    if let Listener::Unix(_, path) = &listener {
+        let _ = std::fs::remove_file(path);
+    }
+    drop(listener);
+    tracker.close();
+    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
+        .await
+        .is_err()
+    {
+        log::warn!(
+            "{} connections still open after {SHUTDOWN_GRACE:?}; closing them",
+            tracker.len()
+        );
+    }
+}
+
+enum Accepted {
+    Tcp(tokio::net::TcpStream, SocketAddr),
+    Unix(tokio::net::UnixStream),
+}
+
+async fn accept(listener: &Listener) -> io::Result<Accepted> {
+    match listener {
+        Listener::Tcp(l) => l.accept().await.map(|(s, a)| Accepted::Tcp(s, a)),
+        Listener::Unix(l, _) => l.accept().await.map(|(s, _)| Accepted::Unix(s)),
+    }
+}
+
+fn spawn_connection(
+    conn: Accepted,
+    shared: &Arc<Shared>,
+    tracker: &TaskTracker,
+    shutdown: &CancellationToken,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let shared = Arc::clone(shared);
+    let shutdown = shutdown.clone();
+    match conn {
+        Accepted::Tcp(stream, addr) => {
+            if !shared.is_allowed(&addr) {
+                shared.stats.clients_refused.fetch_add(1, Ordering::Relaxed);
+                log::warn!("refused connection from {addr}: not in allowed_clients");
+                return; // dropping the stream closes it; the permit frees
+            }
+            let _ = stream.set_nodelay(true);
+            tracker.spawn(async move {
+                handle(stream, Peer::Tcp(addr), &shared, &shutdown).await;
+                drop(permit);
+            });
+        }
+        Accepted::Unix(stream) => {
+            tracker.spawn(async move {
+                handle(stream, Peer::Unix, &shared, &shutdown).await;
+                drop(permit);
+            });
+        }
+    }
+}

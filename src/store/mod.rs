@@ -1,0 +1,377 @@
+//! The in-memory counter map: every decision is made here, without I/O.
+//!
+//! A [`CounterStore`] holds the counters of one limit (one key kind, one
+//! period) in a lock-sharded [`DashMap`]. Several limits per key, or other key
+//! kinds (SPEC §4 "later"), are several stores, each with its own [`Limit`].
+//!
+//! Invariants:
+//! - the API is synchronous and never holds a shard guard beyond one call, so
+//!   callers cannot hold one across an `.await`;
+//! - the time is always passed in; the store never reads a clock;
+//! - an owned key is allocated only when a key is new: lookups borrow `&str`;
+//! - `Counter::pending` is usage not yet in the backend; [`CounterStore::take_dirty`]
+//!   hands it out as deltas and [`CounterStore::restore`] takes back the
+//!   deltas of a failed write, so nothing is lost while the backend is away.
+
+pub mod counter;
+pub mod window;
+
+use dashmap::mapref::entry::Entry;
+use dashmap::DashMap;
+
+pub use counter::{Charge, Counter, Rules};
+pub use window::{Calendar, Period};
+
+/// Everything the store needs to know about one limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limit {
+    /// Where windows end.
+    pub calendar: Calendar,
+    /// Default quota and whether refused requests count.
+    pub rules: Rules,
+}
+
+/// The answer of [`CounterStore::check_and_increment`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome {
+    /// Whether the request is within quota.
+    pub accepted: bool,
+    /// Units added to the counter.
+    pub added: u32,
+    /// `used` after the charge.
+    pub used: u32,
+    /// The counter's quota.
+    pub quota: u32,
+    /// End of the counter's window, unix seconds.
+    pub expiry: i64,
+    /// True when this call created the counter (a new sender).
+    pub inserted: bool,
+}
+
+/// A row as the backend stores it; what start-up loads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredRow {
+    /// The key (`sender` column).
+    pub key: String,
+    /// `quota` column.
+    pub quota: u32,
+    /// `used` column.
+    pub used: u32,
+    /// `expiry` column; `None` (NULL in the Perl schema) means expired.
+    pub expiry: Option<i64>,
+    /// `persist` column.
+    pub persist: bool,
+}
+
+/// Usage to add to the backend: what one key used in one window since the
+/// last flush.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delta {
+    /// The key.
+    pub key: Box<str>,
+    /// Units to add.
+    pub delta: u32,
+    /// The end of the window the units belong to. A stored row whose expiry is
+    /// older is reset before the delta is added; a newer one ignores it.
+    pub window_expiry: i64,
+    /// The quota, for a row that has to be inserted.
+    pub quota: u32,
+    /// The persist flag, for a row that has to be inserted.
+    pub persist: bool,
+}
+
+/// The counters of one limit.
+#[derive(Debug)]
+pub struct CounterStore {
+    map: DashMap<Box<str>, Counter>,
+}
+
+impl Default for CounterStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Shards in the map: more shards mean shorter waits while the flusher scans
+/// one of them. 128 keeps a 1M-key scan at ~8k keys per shard lock.
+const SHARDS: usize = 128;
+
+impl CounterStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        CounterStore {
+            map: DashMap::with_shard_amount(SHARDS),
+        }
+    }
+
+    /// Rolls the key's window if it has ended, charges `amount` and compares
+    /// with the quota. A key seen for the first time is created with the
+    /// default quota and checked like any other.
+    pub fn check_and_increment(&self, key: &str, amount: u32, now: i64, limit: &Limit) -> Outcome {
+        if let Some(mut c) = self.map.get_mut(key) {
+            return Self::charge_counter(&mut c, amount, now, limit, false);
+        }
+        // Another request may have inserted the key since `get_mut`.
+        match self.map.entry(Box::from(key)) {
+            Entry::Occupied(mut e) => Self::charge_counter(e.get_mut(), amount, now, limit, false),
+            Entry::Vacant(e) => {
+                let fresh = Counter::new(limit.rules.default_quota, limit.calendar.window_end(now));
+                Self::charge_counter(&mut e.insert(fresh), amount, now, limit, true)
+            }
+        }
+    }
+
+    /// Checks an existing key without charging it: `None` for an unknown key
+    /// (which cannot be over quota), otherwise the outcome of a zero charge.
+    pub fn check(&self, key: &str, now: i64, limit: &Limit) -> Option<Outcome> {
+        let mut c = self.map.get_mut(key)?;
+        Some(Self::charge_counter(&mut c, 0, now, limit, false))
+    }
+
+    fn charge_counter(
+        c: &mut Counter,
+        amount: u32,
+        now: i64,
+        limit: &Limit,
+        inserted: bool,
+    ) -> Outcome {
+        c.roll(now, || limit.calendar.window_end(now), &limit.rules);
+        let Charge { accepted, added } = c.charge(amount, &limit.rules);
+        Outcome {
+            accepted,
+            added,
+            used: c.used,
+            quota: c.quota,
+            expiry: c.expiry,
+            inserted,
+        }
+    }
+
+    /// Puts a row loaded from the backend into the map, replacing what was there.
+    pub fn load(&self, row: StoredRow) {
+        let counter = Counter {
+            quota: row.quota,
+            used: row.used,
+            expiry: row.expiry.unwrap_or(0),
+            persist: row.persist,
+            pending: 0,
+        };
+        self.map.insert(row.key.into_boxed_str(), counter);
+    }
+
+    /// Takes the usage of every changed counter, leaving its `pending` at 0.
+    /// The caller must write the deltas or give them back with
+    /// [`CounterStore::restore`].
+    pub fn take_dirty(&self) -> Vec<Delta> {
+        let mut out = Vec::new();
+        for mut entry in self.map.iter_mut() {
+            let (key, c) = entry.pair_mut();
+            if c.pending == 0 {
+                continue;
+            }
+            let delta = Delta {
+                key: key.clone(),
+                delta: c.pending,
+                window_expiry: c.expiry,
+                quota: c.quota,
+                persist: c.persist,
+            };
+            c.pending = 0;
+            out.push(delta);
+        }
+        out
+    }
+
+    /// Gives back deltas that could not be written. A delta whose window has
+    /// ended meanwhile is dropped with it: the window no longer limits anything.
+    /// Returns how many deltas were put back.
+    pub fn restore(&self, deltas: Vec<Delta>) -> usize {
+        let mut restored = 0;
+        for d in deltas {
+            if let Some(mut c) = self.map.get_mut(&*d.key) {
+                if c.expiry == d.window_expiry {
+                    c.pending = c.pending.saturating_add(d.delta);
+                    restored += 1;
+                }
+            }
+        }
+        restored
+    }
+
+    /// Removes counters that carry no information: window over, nothing
+    /// pending, quota not persistent. Such a key behaves exactly like a new
+    /// one. Returns how many were removed.
+    pub fn evict_idle(&self, now: i64) -> usize {
+        let before = self.map.len();
+        self.map
+            .retain(|_, c| !(now >= c.expiry && c.pending == 0 && !c.persist));
+        before.saturating_sub(self.map.len())
+    }
+
+    /// A copy of one counter.
+    pub fn get(&self, key: &str) -> Option<Counter> {
+        self.map.get(key).map(|c| *c)
+    }
+
+    /// Number of counters held.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// True when no counter is held.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Sum of the usage not yet written to the backend, and how many counters have some.
+    pub fn pending(&self) -> (u64, usize) {
+        let mut units = 0u64;
+        let mut rows = 0usize;
+        for e in self.map.iter() {
+            if e.pending > 0 {
+                units += u64::from(e.pending);
+                rows += 1;
+            }
+        }
+        (units, rows)
+    }
+
+    /// Calls `f` for every counter, one shard lock at a time.
+    pub fn for_each(&self, mut f: impl FnMut(&str, &Counter)) {
+        for e in self.map.iter() {
+            f(e.key(), e.value());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::Weekday;
+    use std::num::NonZeroU32;
+
+    fn limit(default_quota: u32) -> Limit {
+        Limit {
+            calendar: Calendar {
+                period: Period::Fixed(NonZeroU32::new(100).unwrap()),
+                tz: chrono_tz::UTC,
+                week_start: Weekday::Mon,
+            },
+            rules: Rules {
+                default_quota,
+                count_rejected: true,
+            },
+        }
+    }
+
+    #[test]
+    fn new_keys_get_the_default_and_are_checked() {
+        let s = CounterStore::new();
+        let l = limit(2);
+        let o = s.check_and_increment("a", 1, 10, &l);
+        assert_eq!(
+            o,
+            Outcome {
+                accepted: true,
+                added: 1,
+                used: 1,
+                quota: 2,
+                expiry: 100,
+                inserted: true
+            }
+        );
+        let o = s.check_and_increment("a", 2, 11, &l);
+        assert!(!o.accepted && !o.inserted);
+        assert_eq!(s.check("a", 12, &l).map(|o| o.accepted), Some(false));
+        assert_eq!(s.check("nobody", 12, &l), None);
+        let l0 = limit(0);
+        assert!(!s.check_and_increment("blocked", 1, 10, &l0).accepted);
+    }
+
+    #[test]
+    fn dirty_deltas_are_taken_once_and_restored_on_failure() {
+        let s = CounterStore::new();
+        let l = limit(10);
+        s.check_and_increment("a", 3, 10, &l);
+        s.check_and_increment("b", 1, 10, &l);
+        let mut d = s.take_dirty();
+        d.sort_by(|x, y| x.key.cmp(&y.key));
+        assert_eq!(
+            d.iter()
+                .map(|d| (&*d.key, d.delta, d.window_expiry))
+                .collect::<Vec<_>>(),
+            [("a", 3, 100), ("b", 1, 100)]
+        );
+        assert!(s.take_dirty().is_empty());
+        s.check_and_increment("a", 1, 20, &l);
+        assert_eq!(s.restore(d), 2);
+        assert_eq!(s.get("a").unwrap().pending, 4);
+        assert_eq!(s.pending(), (5, 2));
+    }
+
+    #[test]
+    fn restore_drops_deltas_of_finished_windows() {
+        let s = CounterStore::new();
+        let l = limit(10);
+        s.check_and_increment("a", 3, 10, &l);
+        let d = s.take_dirty();
+        s.check_and_increment("a", 1, 150, &l); // new window [100, 200)
+        assert_eq!(s.restore(d), 0);
+        assert_eq!(s.get("a").unwrap().pending, 1);
+    }
+
+    #[test]
+    fn loaded_rows_keep_persist_and_expired_rows_reset() {
+        let s = CounterStore::new();
+        let l = limit(10);
+        s.load(StoredRow {
+            key: "p".into(),
+            quota: 2,
+            used: 2,
+            expiry: Some(50),
+            persist: true,
+        });
+        s.load(StoredRow {
+            key: "n".into(),
+            quota: 2,
+            used: 2,
+            expiry: None,
+            persist: false,
+        });
+        s.load(StoredRow {
+            key: "live".into(),
+            quota: 2,
+            used: 2,
+            expiry: Some(100),
+            persist: false,
+        });
+        let p = s.check_and_increment("p", 1, 60, &l);
+        assert_eq!((p.used, p.quota, p.expiry, p.inserted), (1, 2, 100, false));
+        let n = s.check_and_increment("n", 1, 60, &l);
+        assert_eq!((n.used, n.quota), (1, 10));
+        assert!(!s.check_and_increment("live", 1, 60, &l).accepted);
+    }
+
+    #[test]
+    fn eviction_keeps_what_matters() {
+        let s = CounterStore::new();
+        let l = limit(10);
+        s.load(StoredRow {
+            key: "old".into(),
+            quota: 10,
+            used: 1,
+            expiry: Some(50),
+            persist: false,
+        });
+        s.load(StoredRow {
+            key: "vip".into(),
+            quota: 99,
+            used: 1,
+            expiry: Some(50),
+            persist: true,
+        });
+        s.check_and_increment("active", 1, 60, &l);
+        assert_eq!(s.evict_idle(60), 1);
+        assert!(s.get("old").is_none() && s.get("vip").is_some() && s.get("active").is_some());
+    }
+}
