@@ -11,8 +11,8 @@
 //!   sender is already over quota, but add nothing, so a daemon wired into
 //!   several restriction lists never double-counts;
 //! - per connection, the last charged request is remembered
-//!   ([`ConnectionMemory`]): an identical repeat (same `instance`,
-//!   `recipient`, `protocol_state`, `policy_context`) — Postfix sends one when
+//!   ([`ConnectionMemory`]): an identical repeat at RCPT (same `instance`,
+//!   `sasl_username`, `recipient`, `protocol_state`, `policy_context`) — Postfix sends one when
 //!   the same `check_policy_service` is in two restriction lists — gets the
 //!   first answer and is not charged again; at DATA/END-OF-MESSAGE only the
 //!   increase of `recipient_count` within an `instance` is charged.
@@ -333,8 +333,10 @@ pub struct Decision<'r> {
 /// traffic allocates nothing here.
 #[derive(Debug, Default)]
 pub struct ConnectionMemory {
-    /// `instance`, `recipient`, `protocol_state`, `policy_context` of the last
-    /// charged request, NUL-separated; empty when there is none.
+    /// `instance`, `sasl_username`, `recipient`, `protocol_state`,
+    /// `policy_context` of the last charged RCPT request, NUL-separated.
+    /// (Postfix never changes the user within an instance; comparing it costs
+    /// nothing and rules out charging one user's query to another.)
     last_request: String,
     /// The answer given to it.
     last_action: Option<Action>,
@@ -351,12 +353,8 @@ impl ConnectionMemory {
         if req.instance.is_empty() || self.last_action.is_none() {
             return false;
         }
-        let mut fields = self.last_request.split('\0');
-        fields.next() == Some(req.instance)
-            && fields.next() == Some(req.recipient)
-            && fields.next() == Some(req.protocol_state)
-            && fields.next() == Some(req.policy_context)
-            && fields.next().is_none()
+        let mut stored = self.last_request.split('\0');
+        signature(req).into_iter().all(|f| stored.next() == Some(f)) && stored.next().is_none()
     }
 
     fn remember(&mut self, req: &PolicyRequest<'_>, action: &Action) {
@@ -365,15 +363,7 @@ impl ConnectionMemory {
             return;
         }
         self.last_request.clear();
-        for (i, f) in [
-            req.instance,
-            req.recipient,
-            req.protocol_state,
-            req.policy_context,
-        ]
-        .into_iter()
-        .enumerate()
-        {
+        for (i, f) in signature(req).into_iter().enumerate() {
             if i > 0 {
                 self.last_request.push('\0');
             }
@@ -391,6 +381,17 @@ impl ConnectionMemory {
             self.message_charged = false;
         }
     }
+}
+
+/// The fields that make two RCPT requests the same query.
+fn signature<'a>(req: &PolicyRequest<'a>) -> [&'a str; 5] {
+    [
+        req.instance,
+        req.sasl_username,
+        req.recipient,
+        req.protocol_state,
+        req.policy_context,
+    ]
 }
 
 /// The key of a `sasl_username`, or `None` when it is empty (SPEC §4):

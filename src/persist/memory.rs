@@ -3,7 +3,7 @@
 //! flusher's retry path.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -17,6 +17,7 @@ pub struct MemoryBackend {
     rows: Mutex<BTreeMap<String, StoredRow>>,
     failing: AtomicBool,
     writes: Mutex<Vec<usize>>,
+    attempts: AtomicUsize,
 }
 
 impl MemoryBackend {
@@ -38,6 +39,11 @@ impl MemoryBackend {
     /// A copy of one row.
     pub fn row(&self, key: &str) -> Option<StoredRow> {
         self.rows.lock().get(key).cloned()
+    }
+
+    /// Calls of `write`, failed ones included.
+    pub fn attempts(&self) -> usize {
+        self.attempts.load(Ordering::SeqCst)
     }
 
     /// The sizes of the successful writes, in order.
@@ -71,6 +77,7 @@ impl Backend for MemoryBackend {
         deltas: Arc<Vec<Delta>>,
         ctx: WriteContext,
     ) -> Result<(), (usize, BackendError)> {
+        self.attempts.fetch_add(1, Ordering::SeqCst);
         self.check().map_err(|e| (0, e))?;
         let mut rows = self.rows.lock();
         for d in deltas.iter() {

@@ -5,8 +5,9 @@
 //!
 //! - Every complete request in the buffer is answered, in order, and the
 //!   answers go out in one write (pipelined requests cost one syscall).
-//! - Shutdown is checked only between requests: a request that has been read
-//!   whole always gets its answer; a partial one is dropped.
+//! - Shutdown is checked only between requests: every request that has
+//!   arrived whole by then gets its answer; the connection waits for nothing
+//!   more, and a partial request is dropped.
 //! - Each request must arrive whole within `idle_timeout` of the previous
 //!   answer (or of the connection's start). That closes idle connections and
 //!   bounds how long a client trickling bytes can hold a slot.
@@ -16,6 +17,7 @@
 use std::fmt;
 use std::io;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{timeout_at, Instant};
@@ -94,7 +96,12 @@ where
             deadline = Instant::now() + shared.idle_timeout;
         }
         if shutdown.is_cancelled() {
-            return Ok(());
+            // Answer what has already arrived, but wait for nothing more:
+            // `timeout` polls the read once before it looks at the clock.
+            match tokio::time::timeout(Duration::ZERO, stream.read_buf(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => continue,
+                _ => return Ok(()),
+            }
         }
         if buf.capacity() - buf.len() < MIN_READ {
             buf.reserve(buf.len().max(INITIAL_BUFFER));
@@ -200,4 +207,56 @@ where
         Err(ConnectionError::Io(e)) => log::debug!("connection from {peer} failed: {e}"),
     }
     stats.connections_open.fetch_sub(1, Ordering::Relaxed);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::config::Config;
+    use crate::stats::Stats;
+    use crate::store::CounterStore;
+
+    fn shared() -> Shared {
+        let config = Config::from_toml_str("").unwrap();
+        Shared::new(
+            config.policy,
+            Arc::new(CounterStore::new()),
+            Arc::new(ManualClock::new(1_790_000_000)),
+            Arc::new(Stats::default()),
+            Duration::from_secs(600),
+            Vec::new(),
+        )
+    }
+
+    fn request(recipient: &str) -> Vec<u8> {
+        format!(
+            "request=smtpd_access_policy\nprotocol_state=RCPT\nsasl_username=a@b\ninstance=1\nrecipient={recipient}\n\n"
+        )
+        .into_bytes()
+    }
+
+    #[tokio::test]
+    async fn requests_that_arrived_before_shutdown_are_answered() {
+        let shared = shared();
+        let (mut client, server) = tokio::io::duplex(4096);
+        // Two whole requests and the start of a third are waiting when
+        // shutdown begins.
+        client.write_all(&request("x")).await.unwrap();
+        client.write_all(&request("y")).await.unwrap();
+        client.write_all(b"request=smtpd_acc").await.unwrap();
+        let token = CancellationToken::new();
+        token.cancel();
+        serve(server, &shared, &token).await.unwrap();
+        let mut out = Vec::new();
+        client.read_to_end(&mut out).await.unwrap();
+        assert_eq!(out, b"action=DUNNO\n\naction=DUNNO\n\n");
+        assert_eq!(shared.store.get("a@b").unwrap().used, 2);
+    }
 }

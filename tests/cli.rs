@@ -1,0 +1,273 @@
+//! The built binary, as an administrator runs it.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::{is_deferred, Client, Req};
+
+const BIN: &str = env!("CARGO_BIN_EXE_ratelimit-policyd");
+
+fn write_config(dir: &Path, extra: &str) -> PathBuf {
+    let path = dir.join("ratelimit-policyd.toml");
+    let toml = format!(
+        r#"listen = "127.0.0.1:0"
+control_socket = "{dir}/control.sock"
+[limits]
+default_quota = 3
+timezone = "UTC"
+{extra}
+[database]
+url = "sqlite://{dir}/ratelimit.db"
+[log]
+syslog = false
+file = "{dir}/ratelimit-policyd.log"
+"#,
+        dir = dir.display()
+    );
+    std::fs::write(&path, toml).unwrap();
+    path
+}
+
+struct Daemon {
+    child: Child,
+    addr: std::net::SocketAddr,
+}
+
+/// Starts the binary and waits for its "listening on" line.
+fn spawn(config: &Path) -> Daemon {
+    let mut child = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(rest) = line.split("listening on ").nth(1) {
+                let addr = rest.split_whitespace().next().unwrap().to_string();
+                let _ = tx.send(addr);
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the daemon reports where it listens")
+        .parse()
+        .unwrap();
+    Daemon { child, addr }
+}
+
+impl Daemon {
+    fn terminate(mut self) -> i32 {
+        // SAFETY: plain kill(2) on our own child's pid.
+        let rc = unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        assert_eq!(rc, 0);
+        self.child
+            .wait()
+            .unwrap()
+            .code()
+            .expect("exited, not killed")
+    }
+}
+
+fn used_in_db(db: &Path, sender: &str) -> (u32, u32) {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    conn.query_row(
+        "SELECT used, quota FROM ratelimit WHERE sender = ?1",
+        [sender],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn sigterm_saves_exact_counts_and_a_restart_enforces_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "");
+    let d = spawn(&config);
+    let mut c = Client::connect(d.addr).await;
+    let mut answers = Vec::new();
+    for n in 0..5 {
+        answers.push(
+            c.ask(&Req::rcpt("alice@example.com", "i1", &format!("{n}@x")))
+                .await,
+        );
+    }
+    assert_eq!(answers[..3], ["DUNNO", "DUNNO", "DUNNO"]);
+    assert!(is_deferred(&answers[3]) && is_deferred(&answers[4]));
+    for n in 0..2 {
+        c.ask(&Req::rcpt("bob@example.com", "i2", &format!("{n}@x")))
+            .await;
+    }
+    assert_eq!(d.terminate(), 0);
+    c.expect_closed().await;
+
+    let db = dir.path().join("ratelimit.db");
+    assert_eq!(used_in_db(&db, "alice@example.com"), (5, 3));
+    assert_eq!(used_in_db(&db, "bob@example.com"), (2, 3));
+
+    let d = spawn(&config);
+    let mut c = Client::connect(d.addr).await;
+    let refused = c.ask(&Req::rcpt("alice@example.com", "i3", "a@x")).await;
+    assert!(refused.contains("(6/3)"), "{refused}");
+    assert_eq!(
+        c.ask(&Req::rcpt("bob@example.com", "i4", "a@x")).await,
+        "DUNNO"
+    );
+    assert!(is_deferred(
+        &c.ask(&Req::rcpt("bob@example.com", "i4", "b@x")).await
+    ));
+    assert_eq!(d.terminate(), 0);
+    assert_eq!(used_in_db(&db, "alice@example.com"), (6, 3));
+    assert_eq!(used_in_db(&db, "bob@example.com"), (4, 3));
+
+    // The Perl daemon's log line, one per charged request, values as data.
+    let log = std::fs::read_to_string(dir.path().join("ratelimit-policyd.log")).unwrap();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains("curr_count=")).collect();
+    assert_eq!(lines.len(), 10, "{log}");
+    assert!(lines[0].ends_with(
+        "notice: NOQUEUE: client=mail.client.example[192.0.2.10], sasl_method=PLAIN, \
+         sasl_username=alice@example.com, recipient_count=1, curr_count=1/3, status=INSERT"
+    ));
+    assert!(
+        lines[1].contains("info: NOQUEUE: ") && lines[1].ends_with("curr_count=2/3, status=UPDATE")
+    );
+    assert!(
+        lines[3].contains("warning: ") && lines[3].ends_with("curr_count=4/3, status=OVER_QUOTA")
+    );
+}
+
+#[tokio::test]
+async fn client_values_cannot_forge_log_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "");
+    let d = spawn(&config);
+    let mut c = Client::connect(d.addr).await;
+    let req = Req::rcpt("mallory@example.com", "i1", "a@x")
+        .with("client_name", "evil\rfake: status=OK%s%n")
+        .with("queue_id", "Q1\u{1b}[31m");
+    assert_eq!(c.ask(&req).await, "DUNNO");
+    assert_eq!(d.terminate(), 0);
+    let log = std::fs::read_to_string(dir.path().join("ratelimit-policyd.log")).unwrap();
+    let line = log.lines().find(|l| l.contains("mallory")).unwrap();
+    assert!(
+        line.contains("Q1\\x1b[31m: client=evil\\rfake: status=OK%s%n[192.0.2.10]"),
+        "{line}"
+    );
+}
+
+#[test]
+fn check_config_prints_the_effective_configuration() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "count = \"messages\"");
+    let out = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&config)
+        .env("RATELIMIT_POLICYD_LIMITS__DEFAULT_QUOTA", "77")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let printed: toml::Value = toml::from_str(&text).unwrap();
+    assert_eq!(
+        printed["limits"]["default_quota"].as_integer(),
+        Some(77),
+        "environment wins over the file"
+    );
+    assert_eq!(printed["limits"]["count"].as_str(), Some("messages"));
+    assert_eq!(
+        printed["limits"]["period"].as_str(),
+        Some("daily"),
+        "defaults are shown"
+    );
+    assert_eq!(printed["max_connections"].as_integer(), Some(1024));
+}
+
+#[test]
+fn invalid_configuration_names_every_key_and_exits_78() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "listen = \"nowhere\"\n[limits]\nperiod = \"yearly\"\ncolour = \"blue\"\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("limits.colour: unknown key"), "{err}");
+    // Unknown keys are reported before values are checked.
+    std::fs::write(
+        &path,
+        "listen = \"nowhere\"\n[limits]\nperiod = \"yearly\"\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains("listen: ") && err.contains("limits.period: "),
+        "{err}"
+    );
+    // A --config that does not exist is an error, not the defaults.
+    let out = Command::new(BIN)
+        .args(["check-config", "--config", "/nonexistent/x.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+}
+
+#[test]
+fn a_corrupt_database_is_a_clear_error_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "");
+    std::fs::write(dir.path().join("ratelimit.db"), vec![0x5au8; 16384]).unwrap();
+    let out = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(69));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains("database unusable") && err.contains("ratelimit.db"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn a_port_in_use_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let config = write_config(dir.path(), "");
+    let out = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&config)
+        .args(["--listen", &taken.local_addr().unwrap().to_string()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(71));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot listen on 127.0.0.1:"));
+}
