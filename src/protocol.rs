@@ -17,6 +17,20 @@
 //! - a name is split from its value at the **first** `=`; values may hold `=`;
 //! - unknown attributes are ignored, a repeated attribute's last value wins;
 //! - only the values the daemon uses must be UTF-8.
+//!
+//! ```
+//! use ratelimit_policyd::protocol::{encode_action, Parser};
+//!
+//! let mut parser = Parser::default();
+//! let bytes = b"request=smtpd_access_policy\r\nsasl_username=alice@example.com\n\nnext";
+//! let (request, len) = parser.parse(bytes).unwrap().expect("a whole request");
+//! assert_eq!(request.sasl_username, "alice@example.com");
+//! assert_eq!(&bytes[len..], b"next"); // the start of the next request
+//!
+//! let mut reply = Vec::new();
+//! encode_action("DUNNO", &mut reply);
+//! assert_eq!(reply, b"action=DUNNO\n\n");
+//! ```
 
 use std::fmt;
 

@@ -271,3 +271,20 @@ fn a_port_in_use_is_a_clear_error() {
     assert_eq!(out.status.code(), Some(71));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot listen on 127.0.0.1:"));
 }
+
+#[test]
+fn the_example_configuration_is_valid() {
+    let example = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/ratelimit-policyd.toml"
+    );
+    let out = Command::new(BIN)
+        .args(["check-config", "--config", example])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
