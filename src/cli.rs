@@ -30,6 +30,37 @@ pub enum Command {
     Run,
     /// Validate the configuration and print the effective values.
     CheckConfig,
+    /// Show the daemon's state and its cached counters.
+    Status {
+        /// Print one JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Only the N counters with the highest usage.
+        #[arg(long, value_name = "N")]
+        top: Option<usize>,
+        /// Only these keys.
+        #[arg(value_name = "KEY")]
+        keys: Vec<String>,
+    },
+    /// Set a sender's quota now (written to the database at the next flush).
+    SetQuota {
+        /// The key (sasl_username, or domain with key_type = "domain").
+        key: String,
+        /// The new quota.
+        quota: u32,
+        /// Keep this quota when the window resets (else it lasts this window).
+        #[arg(long)]
+        persist: bool,
+    },
+    /// Reset a sender's usage to 0 now.
+    Reset {
+        /// The key.
+        key: String,
+    },
+    /// Write pending counts to the database now, and report the result.
+    Flush,
+    /// Reload the configuration and re-read quotas (as SIGHUP does).
+    Reload,
 }
 
 /// Command-line overrides; they win over the file and the environment.
@@ -53,6 +84,9 @@ pub struct Overrides {
     /// Do not log to stderr.
     #[arg(long, global = true)]
     pub quiet: bool,
+    /// The syslog socket (default /dev/log); for tests.
+    #[arg(long, global = true, value_name = "PATH", hide = true)]
+    pub syslog_socket: Option<PathBuf>,
 }
 
 impl Overrides {

@@ -355,6 +355,39 @@ impl Sources {
     }
 }
 
+/// Where a configuration comes from, kept so that a reload reads it again
+/// the same way.
+#[derive(Debug, Clone)]
+pub struct ConfigSource {
+    /// The file.
+    pub path: PathBuf,
+    /// Whether a missing file is an error (`--config` given) or means the
+    /// built-in defaults.
+    pub required: bool,
+    /// Whether `RATELIMIT_POLICYD_*` variables apply.
+    pub use_env: bool,
+    /// Command-line overrides.
+    pub overrides: Vec<(String, String)>,
+}
+
+impl ConfigSource {
+    /// Reads, merges and validates the configuration.
+    ///
+    /// # Errors
+    ///
+    /// Every problem, each with its key.
+    pub fn load(&self) -> Result<(RawConfig, Config), ConfigError> {
+        let mut sources = Sources::from_file(&self.path, self.required)?;
+        if self.use_env {
+            sources.env = std::env::vars().collect();
+        }
+        sources.overrides = self.overrides.clone();
+        let raw = sources.merge()?.resolved();
+        let config = raw.validate()?;
+        Ok((raw, config))
+    }
+}
+
 impl Config {
     /// Parses and validates a TOML string, without environment or overrides.
     ///

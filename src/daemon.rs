@@ -2,21 +2,33 @@
 //! the tests exercise the real wiring.
 //!
 //! [`start`] loads every stored row into the [`CounterStore`], starts the
-//! [`Flusher`] and the server, and returns a [`Daemon`] handle at once. When
-//! the shutdown token is cancelled the server drains, then the flusher does
-//! its final flush, and [`Daemon::wait`] returns what it saved.
+//! [`Flusher`], the policy server, the control server and the reload task,
+//! and returns a [`Daemon`] handle at once. When the shutdown token is
+//! cancelled the servers drain, then the flusher does its final flush, and
+//! [`Daemon::wait`] returns what it saved.
+//!
+//! Reload (SIGHUP or `ratelimit-policyd reload`) re-reads the configuration
+//! from its [`ConfigSource`], swaps the settings connections read (limits,
+//! actions, `allowed_clients`, `idle_timeout`), applies the log settings and
+//! re-reads quotas from the backend. A changed `default_quota` applies at
+//! once to non-persistent counters that had the old default. Settings bound
+//! at start (`listen`, `control_socket`, `max_connections`, `[database]`) are
+//! reported as needing a restart.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
-use crate::config::{Config, ListenAddr};
+use crate::config::{Config, ConfigSource, ListenAddr};
+use crate::control::{self, ControlContext, ControlListener};
 use crate::error::{Error, Result};
 use crate::persist::{Backend, FinalFlush, FlushHandle, FlushSettings, Flusher};
-use crate::server::{self, Listener, Shared};
+use crate::server::{self, Listener, Settings, Shared};
 use crate::stats::Stats;
 use crate::store::CounterStore;
 
@@ -29,6 +41,8 @@ pub struct Daemon {
     pub stats: Arc<Stats>,
     /// Asks the flusher to flush now.
     pub flush: FlushHandle,
+    /// Asks for a reload.
+    pub reload: ReloadHandle,
     /// Where it listens (the real port when configured with port 0).
     pub local_addr: ListenAddr,
     task: JoinHandle<FinalFlush>,
@@ -49,19 +63,57 @@ impl Daemon {
     }
 }
 
-/// Loads the counters from `backend` and starts serving `listener`.
+type ReloadRequest = oneshot::Sender<Result<String, String>>;
+
+/// Asks the daemon to reload its configuration.
+#[derive(Debug, Clone)]
+pub struct ReloadHandle {
+    tx: mpsc::Sender<ReloadRequest>,
+}
+
+impl ReloadHandle {
+    /// Reloads and returns what was done.
+    ///
+    /// # Errors
+    ///
+    /// A message saying why nothing was changed (invalid configuration, no
+    /// configuration file) or what could not be done.
+    pub async fn reload(&self) -> Result<String, String> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(tx)
+            .await
+            .map_err(|_| "the daemon is stopping".to_string())?;
+        rx.await.map_err(|_| "the daemon is stopping".to_string())?
+    }
+}
+
+/// The sockets a daemon serves, bound by the caller.
+#[derive(Debug)]
+pub struct Listeners {
+    /// The policy service.
+    pub policy: Listener,
+    /// The control socket, if any.
+    pub control: Option<ControlListener>,
+}
+
+/// Loads the counters from `backend` and starts serving.
+///
+/// `source` is where a reload reads the configuration again; without it a
+/// reload is refused.
 ///
 /// # Errors
 ///
 /// The backend cannot be read.
 pub async fn start<B: Backend>(
     config: &Config,
+    source: Option<ConfigSource>,
     backend: Arc<B>,
     clock: Arc<dyn Clock>,
-    listener: Listener,
+    listeners: Listeners,
     shutdown: CancellationToken,
 ) -> Result<Daemon> {
-    let local_addr = listener.local_addr().map_err(|source| Error::Io {
+    let local_addr = listeners.policy.local_addr().map_err(|source| Error::Io {
         context: "cannot read the listening address".into(),
         source,
     })?;
@@ -79,35 +131,64 @@ pub async fn start<B: Backend>(
     );
 
     let stats = Arc::new(Stats::default());
+    let default_quota = Arc::new(AtomicU32::new(config.policy.limit.rules.default_quota));
     let settings = FlushSettings {
         interval: config.database.flush_interval,
         min_backoff: Duration::from_secs(1),
         max_backoff: Duration::from_secs(60),
         final_timeout: Duration::from_secs(10),
-        default_quota: config.policy.limit.rules.default_quota,
+        default_quota: Arc::clone(&default_quota),
     };
     let (flusher, flush) = Flusher::new(
-        backend,
+        Arc::clone(&backend),
         Arc::clone(&store),
         Arc::clone(&clock),
         Arc::clone(&stats),
         settings,
     );
     let shared = Arc::new(Shared::new(
-        config.policy.clone(),
+        Settings {
+            policy: config.policy.clone(),
+            allowed_clients: config.allowed_clients.clone(),
+            idle_timeout: config.idle_timeout,
+        },
         Arc::clone(&store),
         clock,
         Arc::clone(&stats),
-        config.idle_timeout,
-        config.allowed_clients.clone(),
     ));
+
+    let (reload_tx, reload_rx) = mpsc::channel(4);
+    let reload = ReloadHandle { tx: reload_tx };
+    let reloader = Reloader {
+        source,
+        current: config.clone(),
+        shared: Arc::clone(&shared),
+        backend: Arc::clone(&backend),
+        default_quota,
+    };
+    tokio::spawn(reloader.run(reload_rx));
+
+    let control = listeners.control.map(|listener| {
+        let ctx = Arc::new(ControlContext {
+            shared: Arc::clone(&shared),
+            flush: flush.clone(),
+            reload: reload.clone(),
+            backend: backend.name(),
+        });
+        tokio::spawn(control::serve(listener, ctx, shutdown.clone()))
+    });
+
     let max_connections = config.max_connections.get();
+    let policy_listener = listeners.policy;
     let task = tokio::spawn(async move {
-        // The flusher outlives the server: it stops only once every
+        // The flusher outlives the servers: it stops only once every
         // connection is done, so the final flush sees every count.
         let stop_flusher = CancellationToken::new();
         let flusher = tokio::spawn(flusher.run(stop_flusher.clone()));
-        server::run(listener, shared, max_connections, shutdown).await;
+        server::run(policy_listener, shared, max_connections, shutdown).await;
+        if let Some(control) = control {
+            let _ = control.await;
+        }
         stop_flusher.cancel();
         match flusher.await {
             Ok(report) => report,
@@ -124,7 +205,97 @@ pub async fn start<B: Backend>(
         store,
         stats,
         flush,
+        reload,
         local_addr,
         task,
     })
+}
+
+/// Owns what a reload changes; runs one reload at a time.
+struct Reloader<B> {
+    source: Option<ConfigSource>,
+    current: Config,
+    shared: Arc<Shared>,
+    backend: Arc<B>,
+    default_quota: Arc<AtomicU32>,
+}
+
+impl<B: Backend> Reloader<B> {
+    async fn run(mut self, mut requests: mpsc::Receiver<ReloadRequest>) {
+        while let Some(reply) = requests.recv().await {
+            let result = self.reload().await;
+            match &result {
+                Ok(msg) => crate::notice!("{msg}"),
+                Err(msg) => log::error!("{msg}"),
+            }
+            let _ = reply.send(result);
+        }
+    }
+
+    async fn reload(&mut self) -> Result<String, String> {
+        let source = self
+            .source
+            .as_ref()
+            .ok_or("reload: this daemon was started without a configuration file")?;
+        let (_, new) = source
+            .load()
+            .map_err(|e| format!("configuration not reloaded, the old one stays in force:\n{e}"))?;
+        let old = &self.current;
+        let mut restart = Vec::new();
+        if new.listen != old.listen {
+            restart.push("listen");
+        }
+        if new.control_socket != old.control_socket {
+            restart.push("control_socket");
+        }
+        if new.max_connections != old.max_connections {
+            restart.push("max_connections");
+        }
+        if new.database != old.database {
+            restart.push("[database]");
+        }
+        for w in &new.warnings {
+            log::warn!("{w}");
+        }
+        self.shared.settings.store(Arc::new(Settings {
+            policy: new.policy.clone(),
+            allowed_clients: new.allowed_clients.clone(),
+            idle_timeout: new.idle_timeout,
+        }));
+        let mut notes = Vec::new();
+        if let Err(e) = crate::logging::reconfigure(&new.log) {
+            notes.push(format!("log settings not applied: {e}"));
+        }
+        let (old_default, new_default) = (
+            old.policy.limit.rules.default_quota,
+            new.policy.limit.rules.default_quota,
+        );
+        let store = &self.shared.store;
+        let changed = store.apply_default_quota(old_default, new_default);
+        self.default_quota.store(new_default, Ordering::Relaxed);
+        if old_default != new_default {
+            notes.push(format!(
+                "default_quota {old_default} -> {new_default} ({changed} counters)"
+            ));
+        }
+        match self.backend.load_all().await {
+            Ok(rows) => {
+                let n = rows.len();
+                for row in rows {
+                    store.refresh_quota(row, old_default, new_default);
+                }
+                notes.push(format!("{n} quotas re-read from {}", self.backend.name()));
+            }
+            Err(e) => notes.push(format!("quotas not re-read: {e}")),
+        }
+        if !restart.is_empty() {
+            notes.push(format!(
+                "{} changed: takes effect after a restart",
+                restart.join(", ")
+            ));
+        }
+        let path = source.path.display().to_string();
+        self.current = new;
+        Ok(format!("reloaded {path}: {}", notes.join("; ")))
+    }
 }

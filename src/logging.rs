@@ -111,6 +111,7 @@ type Syslog = syslog::Logger<syslog::LoggerBackend, syslog::Formatter3164>;
 pub struct Logger {
     level: AtomicU8,
     stderr: bool,
+    syslog_socket: Option<PathBuf>,
     file: Mutex<Option<(PathBuf, File)>>,
     syslog: Mutex<Option<Syslog>>,
 }
@@ -162,6 +163,7 @@ pub fn init(cfg: &LogConfig, outputs: &Outputs) -> io::Result<&'static Logger> {
     let logger = Logger {
         level: AtomicU8::new(cfg.level as u8),
         stderr: outputs.stderr,
+        syslog_socket: outputs.syslog_socket.clone(),
         file: Mutex::new(file),
         syslog: Mutex::new(syslog),
     };
@@ -196,6 +198,48 @@ fn connect_syslog(socket: Option<&Path>) -> Result<Syslog, syslog::Error> {
         Some(path) => syslog::unix_custom(formatter, path),
         None => syslog::unix(formatter),
     }
+}
+
+/// Applies changed log settings to the installed logger (reload): level,
+/// file, syslog on or off. Does nothing when no logger is installed (tests).
+///
+/// # Errors
+///
+/// A new log file cannot be opened (the old settings for the file stay).
+pub fn reconfigure(cfg: &LogConfig) -> io::Result<()> {
+    let Some(logger) = LOGGER.get() else {
+        return Ok(());
+    };
+    logger.set_level(cfg.level);
+    {
+        let mut syslog = logger.syslog.lock();
+        match (cfg.syslog, syslog.is_some()) {
+            (false, true) => *syslog = None,
+            (true, false) => match connect_syslog(logger.syslog_socket.as_deref()) {
+                Ok(s) => *syslog = Some(s),
+                Err(e) => log::warn!("syslog unavailable: {e}"),
+            },
+            _ => {}
+        }
+    }
+    let mut file = logger.file.lock();
+    let current = file.as_ref().map(|(p, _)| p.clone());
+    if current != cfg.file {
+        *file = match &cfg.file {
+            Some(path) => Some((path.clone(), open_log(path)?)),
+            None => None,
+        };
+    }
+    Ok(())
+}
+
+/// Reopens the log file of the installed logger (SIGUSR1, after logrotate).
+///
+/// # Errors
+///
+/// The file cannot be opened; logging goes on to the old one.
+pub fn reopen() -> io::Result<()> {
+    LOGGER.get().map_or(Ok(()), Logger::reopen)
 }
 
 impl Logger {

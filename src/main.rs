@@ -2,29 +2,42 @@
 //! starts logging, wires the parts together and turns the result into an exit
 //! code. Everything else lives in the library.
 
-use std::path::{Path, PathBuf};
+use std::io::Write;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
+use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
 use ratelimit_policyd::cli::{Cli, Command};
 use ratelimit_policyd::clock::SystemClock;
-use ratelimit_policyd::config::{Config, DatabaseUrl, RawConfig, Sources, DEFAULT_CONFIG_PATH};
+use ratelimit_policyd::config::{
+    mask_password, Config, ConfigSource, DatabaseUrl, DEFAULT_CONFIG_PATH,
+};
+use ratelimit_policyd::control::{self, ControlListener};
+use ratelimit_policyd::daemon::{self, Daemon, Listeners};
 use ratelimit_policyd::error::{Error, EXIT_COUNTS_LOST};
 use ratelimit_policyd::logging::{self, Outputs};
 use ratelimit_policyd::persist::sqlite::SqliteBackend;
 use ratelimit_policyd::server::Listener;
-use ratelimit_policyd::{daemon, notice, shutdown};
+use ratelimit_policyd::{notice, shutdown};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            let code = e.downcast_ref::<Error>().map_or(1, Error::exit_code);
+            let code = match (
+                e.downcast_ref::<Error>(),
+                e.downcast_ref::<control::ClientError>(),
+            ) {
+                (Some(e), _) => e.exit_code(),
+                (_, Some(e)) => e.exit_code(),
+                _ => 1,
+            };
             eprintln!("ratelimit-policyd: error: {e:#}");
             ExitCode::from(code)
         }
@@ -32,75 +45,121 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let (raw, config) = load_config(&cli)?;
-    match cli.command.unwrap_or(Command::Run) {
+    let source = ConfigSource {
+        path: cli
+            .config
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH)),
+        required: cli.config.is_some(),
+        use_env: true,
+        overrides: cli.overrides.pairs(),
+    };
+    let (raw, config) = source.load().map_err(Error::Config)?;
+    let socket = config.control_socket.clone();
+    let command = match cli.command.unwrap_or(Command::Run) {
+        Command::Run => return run_daemon(&cli.overrides, config, source),
         Command::CheckConfig => {
             print!("{}", raw.to_toml_masked());
             for w in &config.warnings {
                 eprintln!("warning: {w}");
             }
-            Ok(ExitCode::SUCCESS)
+            return Ok(ExitCode::SUCCESS);
         }
-        Command::Run => {
-            let outputs = Outputs {
-                // Under systemd with syslog on, stderr would log every line twice.
-                stderr: !(cli.overrides.quiet
-                    || (config.log.syslog && std::env::var_os("JOURNAL_STREAM").is_some())),
-                syslog_socket: None,
-            };
-            logging::init(&config.log, &outputs).context("cannot start logging")?;
-            for w in &config.warnings {
-                log::warn!("{w}");
+        Command::Status { json, top, keys } => {
+            let mut client = control::Client::connect(&socket)?;
+            let reply = client.send(control::Command::Status { keys, top })?;
+            let header = reply.status.context("the daemon sent no status header")?;
+            let mut out = std::io::stdout().lock();
+            if json {
+                control::print_status_json(&mut client, &header, &mut out)?;
+            } else {
+                control::print_status(&mut client, &header, top.is_some(), &mut out)?;
             }
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .thread_name("ratelimit-policyd")
-                .build()
-                .context("cannot start the async runtime")?;
-            runtime.block_on(serve(config))
+            out.flush()?;
+            return Ok(ExitCode::SUCCESS);
         }
-    }
-}
-
-fn load_config(cli: &Cli) -> Result<(RawConfig, Config), Error> {
-    let (path, required) = match &cli.config {
-        Some(p) => (p.clone(), true),
-        None => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
+        Command::SetQuota {
+            key,
+            quota,
+            persist,
+        } => control::Command::SetQuota {
+            key,
+            quota,
+            persist,
+        },
+        Command::Reset { key } => control::Command::Reset { key },
+        Command::Flush => control::Command::Flush,
+        Command::Reload => control::Command::Reload,
     };
-    let mut sources = Sources::from_file(&path, required)?;
-    sources.env = std::env::vars().collect();
-    sources.overrides = cli.overrides.pairs();
-    let raw = sources.merge()?.resolved();
-    let config = raw.validate()?;
-    Ok((raw, config))
+    let reply = control::Client::connect(&socket)?.send(command)?;
+    println!("{}", reply.message.unwrap_or_default());
+    Ok(ExitCode::SUCCESS)
 }
 
-async fn serve(config: Config) -> anyhow::Result<ExitCode> {
+fn run_daemon(
+    overrides: &ratelimit_policyd::cli::Overrides,
+    config: Config,
+    source: ConfigSource,
+) -> anyhow::Result<ExitCode> {
+    let outputs = Outputs {
+        // Under systemd with syslog on, stderr would log every line twice.
+        stderr: !(overrides.quiet
+            || (config.log.syslog && std::env::var_os("JOURNAL_STREAM").is_some())),
+        syslog_socket: overrides.syslog_socket.clone(),
+    };
+    logging::init(&config.log, &outputs).context("cannot start logging")?;
+    for w in &config.warnings {
+        log::warn!("{w}");
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("ratelimit-policyd")
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(serve(config, source))
+}
+
+async fn serve(config: Config, source: ConfigSource) -> anyhow::Result<ExitCode> {
     let backend = match &config.database.url {
-        DatabaseUrl::Sqlite(path) => open_sqlite(path, &config.database.table)?,
+        DatabaseUrl::Sqlite(path) => {
+            SqliteBackend::open(path, &config.database.table).map_err(Error::Database)?
+        }
         DatabaseUrl::Mysql(_) => {
             unreachable!("config validation rejects mysql URLs in this version")
         }
     };
-    let listener = Listener::bind(&config.listen)
+    let policy = Listener::bind(&config.listen)
         .await
         .map_err(|source| Error::Bind {
             addr: config.listen.to_string(),
             source,
         })?;
+    let control = ControlListener::bind(&config.control_socket)
+        .await
+        .map_err(|source| Error::Bind {
+            addr: format!("control socket {}", config.control_socket.display()),
+            source,
+        })?;
     let token = CancellationToken::new();
     shutdown::spawn_signal_handler(token.clone()).context("cannot install signal handlers")?;
+    let listeners = Listeners {
+        policy,
+        control: Some(control),
+    };
     let running = daemon::start(
         &config,
+        Some(source),
         Arc::new(backend),
         Arc::new(SystemClock),
-        listener,
+        listeners,
         token,
     )
     .await?;
+    spawn_reload_signals(&running).context("cannot install signal handlers")?;
     notice!(
-        "listening on {} (database {}, {} counters)",
+        "listening on {} (control {}, database {}, {} counters)",
         running.local_addr,
+        config.control_socket.display(),
         describe(&config.database.url),
         running.store.len()
     );
@@ -112,13 +171,32 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn open_sqlite(path: &Path, table: &str) -> Result<SqliteBackend, Error> {
-    SqliteBackend::open(path, table).map_err(Error::Database)
+/// SIGHUP reloads the configuration; SIGUSR1 reopens the log file.
+fn spawn_reload_signals(running: &Daemon) -> std::io::Result<()> {
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut usr1 = signal(SignalKind::user_defined1())?;
+    let reload = running.reload.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                Some(()) = hup.recv() => {
+                    notice!("SIGHUP received; reloading");
+                    // The reload task logs its result.
+                    let _ = reload.reload().await;
+                }
+                Some(()) = usr1.recv() => match logging::reopen() {
+                    Ok(()) => notice!("SIGUSR1 received; log file reopened"),
+                    Err(e) => log::error!("SIGUSR1: cannot reopen the log file: {e}"),
+                },
+            }
+        }
+    });
+    Ok(())
 }
 
 fn describe(url: &DatabaseUrl) -> String {
     match url {
         DatabaseUrl::Sqlite(p) => format!("sqlite {}", p.display()),
-        DatabaseUrl::Mysql(u) => ratelimit_policyd::config::mask_password(u),
+        DatabaseUrl::Mysql(u) => mask_password(u),
     }
 }

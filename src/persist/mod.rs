@@ -16,7 +16,7 @@ pub mod memory;
 pub mod sqlite;
 
 use std::future::Future;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -79,33 +79,47 @@ pub trait Backend: Send + Sync + 'static {
 /// - Stored `expiry` older than the delta's window (or NULL): the window was
 ///   reset: `used` = delta, `expiry` = the delta's, and `quota` back to the
 ///   default unless `persist`.
-/// - Same window: `used += delta` (saturating).
+/// - Same window: `used += delta` (saturating), or `used = delta` after an
+///   administrator's reset (`reset_used`).
 /// - Stored window newer: the delta belongs to a finished window and is
 ///   ignored.
+/// - Then, if an administrator set the quota (`set_quota`), `quota` and
+///   `persist` are stored as given, whatever the window.
 pub fn merge_delta(row: Option<StoredRow>, d: &Delta, default_quota: u32) -> StoredRow {
-    match row {
-        None => StoredRow {
-            key: d.key.to_string(),
-            quota: d.quota,
-            used: d.delta,
-            expiry: Some(d.window_expiry),
-            persist: d.persist,
-        },
-        Some(mut row) => {
-            match row.expiry {
-                Some(e) if e == d.window_expiry => row.used = row.used.saturating_add(d.delta),
-                Some(e) if e > d.window_expiry => {}
-                _ => {
-                    row.used = d.delta;
-                    row.expiry = Some(d.window_expiry);
-                    if !row.persist {
-                        row.quota = default_quota;
-                    }
-                }
+    let mut row = match row {
+        None => {
+            return StoredRow {
+                key: d.key.to_string(),
+                quota: d.quota,
+                used: d.delta,
+                expiry: Some(d.window_expiry),
+                persist: d.persist,
             }
-            row
+        }
+        Some(row) => row,
+    };
+    match row.expiry {
+        Some(e) if e == d.window_expiry => {
+            row.used = if d.reset_used {
+                d.delta
+            } else {
+                row.used.saturating_add(d.delta)
+            };
+        }
+        Some(e) if e > d.window_expiry => {}
+        _ => {
+            row.used = d.delta;
+            row.expiry = Some(d.window_expiry);
+            if !row.persist {
+                row.quota = default_quota;
+            }
         }
     }
+    if d.set_quota {
+        row.quota = d.quota;
+        row.persist = d.persist;
+    }
+    row
 }
 
 /// A request to flush now, answered with the flush's result.
@@ -144,7 +158,7 @@ pub struct FinalFlush {
 }
 
 /// Settings of the flusher.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct FlushSettings {
     /// Time between flushes.
     pub interval: Duration,
@@ -154,8 +168,8 @@ pub struct FlushSettings {
     pub max_backoff: Duration,
     /// How long the final flush may keep retrying at shutdown.
     pub final_timeout: Duration,
-    /// Quota of reset non-persistent rows.
-    pub default_quota: u32,
+    /// Quota of reset non-persistent rows; shared so a reload can change it.
+    pub default_quota: Arc<AtomicU32>,
 }
 
 /// The background task that writes counters behind.
@@ -264,7 +278,7 @@ impl<B: Backend> Flusher<B> {
         } else {
             let deltas = Arc::new(deltas);
             let ctx = WriteContext {
-                default_quota: self.settings.default_quota,
+                default_quota: self.settings.default_quota.load(Ordering::Relaxed),
                 now,
             };
             let started = Instant::now();
@@ -319,6 +333,8 @@ mod tests {
             window_expiry,
             quota: 10,
             persist: false,
+            set_quota: false,
+            reset_used: false,
         }
     }
 

@@ -157,7 +157,9 @@ impl Inner {
                             d.window_expiry,
                             d.persist,
                             updated,
-                            ctx.default_quota
+                            ctx.default_quota,
+                            d.reset_used,
+                            d.set_quota
                         ])
                         .map_err(what)?;
                     }
@@ -174,16 +176,21 @@ impl Inner {
 /// The statement that applies one delta, following
 /// [`super::merge_delta`]. In SQLite every SET expression sees the old row.
 fn upsert_sql(table: &str) -> String {
+    // ?1 sender, ?2 quota, ?3 delta, ?4 window expiry, ?5 persist, ?6 updated,
+    // ?7 default quota, ?8 reset_used, ?9 set_quota.
     format!(
         "INSERT INTO {table} (sender, quota, used, expiry, persist, updated) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
          ON CONFLICT (sender) DO UPDATE SET
            used = CASE
              WHEN expiry IS NULL OR expiry < excluded.expiry THEN excluded.used
+             WHEN expiry = excluded.expiry AND ?8 THEN excluded.used
              WHEN expiry = excluded.expiry THEN MIN(used + excluded.used, 4294967295)
              ELSE used END,
            quota = CASE
+             WHEN ?9 THEN excluded.quota
              WHEN (expiry IS NULL OR expiry < excluded.expiry) AND persist = 0 THEN ?7
              ELSE quota END,
+           persist = CASE WHEN ?9 THEN excluded.persist ELSE persist END,
            expiry = CASE
              WHEN expiry IS NULL OR expiry < excluded.expiry THEN excluded.expiry
              ELSE expiry END,
@@ -237,58 +244,51 @@ mod tests {
     use super::*;
     use crate::persist::merge_delta;
 
-    fn delta(key: &str, delta: u32, window_expiry: i64, persist: bool) -> Delta {
-        Delta {
-            key: key.into(),
-            delta,
-            window_expiry,
-            quota: 10,
-            persist,
-        }
-    }
-
-    /// SQLite applies exactly the rule of `merge_delta`, case by case.
+    /// SQLite applies exactly the rule of `merge_delta`: every shape of
+    /// stored row (none, same, older, NULL and newer window, with and without
+    /// persist) times every kind of delta (plain, admin reset, admin quota,
+    /// both).
     #[tokio::test]
     async fn sql_follows_the_merge_rule() {
         let dir = tempfile::tempdir().unwrap();
         let db = SqliteBackend::open(&dir.path().join("t.db"), "ratelimit").unwrap();
-        let start = [
-            StoredRow {
-                key: "same".into(),
-                quota: 7,
-                used: 2,
-                expiry: Some(100),
-                persist: false,
-            },
-            StoredRow {
-                key: "older".into(),
-                quota: 7,
-                used: 2,
-                expiry: Some(90),
-                persist: false,
-            },
-            StoredRow {
-                key: "older_p".into(),
-                quota: 7,
-                used: 2,
-                expiry: Some(90),
-                persist: true,
-            },
-            StoredRow {
-                key: "null".into(),
-                quota: 7,
-                used: 2,
-                expiry: None,
-                persist: false,
-            },
-            StoredRow {
-                key: "newer".into(),
-                quota: 7,
-                used: 2,
-                expiry: Some(200),
-                persist: false,
-            },
+        // (name, stored (used, expiry, persist))
+        type Shape = (&'static str, Option<(i64, Option<i64>, bool)>);
+        let shapes: [Shape; 7] = [
+            ("none", None),
+            ("same", Some((2, Some(100), false))),
+            ("same_p", Some((2, Some(100), true))),
+            ("older", Some((2, Some(90), false))),
+            ("older_p", Some((2, Some(90), true))),
+            ("null", Some((2, None, false))),
+            ("newer", Some((2, Some(200), false))),
         ];
+        let kinds = [(false, false), (true, false), (false, true), (true, true)];
+        let mut start = Vec::new();
+        let mut deltas = Vec::new();
+        for (shape, stored) in &shapes {
+            for (reset_used, set_quota) in kinds {
+                let key = format!("{shape}-{reset_used}-{set_quota}");
+                if let Some((used, expiry, persist)) = stored {
+                    start.push(StoredRow {
+                        key: key.clone(),
+                        quota: 7,
+                        used: *used as u32,
+                        expiry: *expiry,
+                        persist: *persist,
+                    });
+                }
+                deltas.push(Delta {
+                    key: key.into(),
+                    delta: 3,
+                    window_expiry: 100,
+                    quota: 10,
+                    persist: set_quota,
+                    set_quota,
+                    reset_used,
+                });
+            }
+        }
         {
             let guard = db.inner.conn.lock();
             let conn = guard.as_ref().unwrap();
@@ -300,10 +300,6 @@ mod tests {
                 .unwrap();
             }
         }
-        let deltas: Vec<Delta> = ["same", "older", "older_p", "null", "newer", "new"]
-            .iter()
-            .map(|k| delta(k, 3, 100, false))
-            .collect();
         let ctx = WriteContext {
             default_quota: 50,
             now: 1_700_000_000,

@@ -82,7 +82,8 @@ where
     let mut memory = ConnectionMemory::default();
     let mut buf: Vec<u8> = Vec::with_capacity(INITIAL_BUFFER);
     let mut out: Vec<u8> = Vec::with_capacity(256);
-    let mut deadline = Instant::now() + shared.idle_timeout;
+    let idle_timeout = || shared.settings.load().idle_timeout;
+    let mut deadline = Instant::now() + idle_timeout();
     loop {
         let mut start = 0;
         while let Some((req, len)) = parser.parse(&buf[start..])? {
@@ -93,7 +94,7 @@ where
         if !out.is_empty() {
             stream.write_all(&out).await?;
             out.clear();
-            deadline = Instant::now() + shared.idle_timeout;
+            deadline = Instant::now() + idle_timeout();
         }
         if shutdown.is_cancelled() {
             // Answer what has already arrived, but wait for nothing more:
@@ -135,11 +136,12 @@ fn answer(
     out: &mut Vec<u8>,
 ) {
     let now = shared.clock.now();
-    let policy = &shared.policy;
+    let settings = shared.settings.load();
+    let policy = &settings.policy;
     let decision = evaluate(req, policy, &shared.store, now, memory);
     shared.stats.record(decision.kind);
     if decision.wrong_stage {
-        shared.warn_wrong_stage(req.protocol_state, now);
+        shared.warn_wrong_stage(req.protocol_state, policy.charge_stage, now);
     }
     if let Some(charged) = &decision.charged {
         if charged.amount > 0 || !charged.outcome.accepted {
@@ -150,11 +152,18 @@ fn answer(
 }
 
 /// The Perl daemon's line, one per charged request (SPEC §8). Every value from
-/// the request is written through [`Escaped`].
+/// the request is written through [`Escaped`]. `OVER_QUOTA` is a warning the
+/// first time a sender is refused in a window and info afterwards, so a
+/// sender hammering away at its limit makes one warning, not thousands.
 fn log_charge(req: &PolicyRequest<'_>, c: &Charged<'_>) {
     let o = &c.outcome;
     let (status, level) = if !o.accepted {
-        ("OVER_QUOTA", log::Level::Warn)
+        let level = if o.first_refusal {
+            log::Level::Warn
+        } else {
+            log::Level::Info
+        };
+        ("OVER_QUOTA", level)
     } else if o.inserted {
         ("INSERT", log::Level::Info)
     } else {
@@ -225,13 +234,16 @@ mod tests {
 
     fn shared() -> Shared {
         let config = Config::from_toml_str("").unwrap();
+        let settings = crate::server::Settings {
+            policy: config.policy,
+            allowed_clients: Vec::new(),
+            idle_timeout: Duration::from_secs(600),
+        };
         Shared::new(
-            config.policy,
+            settings,
             Arc::new(CounterStore::new()),
             Arc::new(ManualClock::new(1_790_000_000)),
             Arc::new(Stats::default()),
-            Duration::from_secs(600),
-            Vec::new(),
         )
     }
 

@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use ipnet::IpNet;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Semaphore;
@@ -39,10 +40,21 @@ use connection::{handle, Peer};
 /// How long shutdown waits for open connections to finish their request.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
-/// What every connection task shares.
-pub struct Shared {
+/// The settings a reload (SIGHUP) can change while connections are open.
+#[derive(Debug, Clone)]
+pub struct Settings {
     /// The limits and answers.
     pub policy: Policy,
+    /// TCP peers allowed to connect.
+    pub allowed_clients: Vec<IpNet>,
+    /// See [`connection`]: time allowed for each whole request.
+    pub idle_timeout: Duration,
+}
+
+/// What every connection task shares.
+pub struct Shared {
+    /// Swapped whole on reload; each request reads it once (wait-free).
+    pub settings: ArcSwap<Settings>,
     /// The counters.
     pub store: Arc<CounterStore>,
     /// Wall-clock time for windows.
@@ -51,10 +63,6 @@ pub struct Shared {
     pub stats: Arc<Stats>,
     /// Protocol bounds.
     pub bounds: Bounds,
-    /// See [`connection`]: time allowed for each whole request.
-    pub idle_timeout: Duration,
-    /// TCP peers allowed to connect.
-    pub allowed_clients: Vec<IpNet>,
     /// Unix seconds of the last "wrong stage" warning, to warn once a minute.
     last_stage_warning: AtomicI64,
 }
@@ -62,21 +70,17 @@ pub struct Shared {
 impl Shared {
     /// Bundles the parts a connection needs.
     pub fn new(
-        policy: Policy,
+        settings: Settings,
         store: Arc<CounterStore>,
         clock: Arc<dyn Clock>,
         stats: Arc<Stats>,
-        idle_timeout: Duration,
-        allowed_clients: Vec<IpNet>,
     ) -> Self {
         Shared {
-            policy,
+            settings: ArcSwap::from_pointee(settings),
             store,
             clock,
             stats,
             bounds: Bounds::default(),
-            idle_timeout,
-            allowed_clients,
             last_stage_warning: AtomicI64::new(i64::MIN),
         }
     }
@@ -84,12 +88,16 @@ impl Shared {
     /// Whether a TCP peer may connect. IPv4-mapped IPv6 addresses count as IPv4.
     pub fn is_allowed(&self, addr: &SocketAddr) -> bool {
         let ip = addr.ip().to_canonical();
-        self.allowed_clients.iter().any(|net| net.contains(&ip))
+        self.settings
+            .load()
+            .allowed_clients
+            .iter()
+            .any(|net| net.contains(&ip))
     }
 
     /// Warns, at most once a minute, that requests arrive at a stage that is
     /// not `charge_stage`.
-    fn warn_wrong_stage(&self, state: &str, now: i64) {
+    fn warn_wrong_stage(&self, state: &str, charge_stage: crate::policy::Stage, now: i64) {
         let last = self.last_stage_warning.load(Ordering::Relaxed);
         if now.saturating_sub(last) >= 60
             && self
@@ -101,7 +109,7 @@ impl Shared {
                 "requests arrive at protocol_state={} but charge_stage={}: they are checked, not charged; \
                  is check_policy_service in the restriction list you meant?",
                 crate::protocol::Escaped(state),
-                self.policy.charge_stage
+                charge_stage
             );
         }
     }

@@ -21,6 +21,15 @@ pub struct Counter {
     /// that ends at `expiry`; the flusher writes them as a delta so that
     /// several daemons add up instead of overwriting each other.
     pub pending: u32,
+    /// An administrator set `quota`/`persist`; the backend must store them
+    /// as they are at the next flush.
+    pub set_quota: bool,
+    /// An administrator reset `used`; at the next flush the stored `used`
+    /// becomes `pending` instead of growing by it.
+    pub reset_used: bool,
+    /// The first refusal of this window has been reported (one warning line
+    /// per sender and window, however many requests it sends).
+    pub refusal_reported: bool,
 }
 
 /// The limit parameters counter arithmetic needs.
@@ -51,6 +60,9 @@ impl Counter {
             expiry,
             persist: false,
             pending: 0,
+            set_quota: false,
+            reset_used: false,
+            refusal_reported: false,
         }
     }
 
@@ -66,6 +78,8 @@ impl Counter {
         }
         self.used = 0;
         self.pending = 0;
+        self.reset_used = false;
+        self.refusal_reported = false;
         self.expiry = next_expiry();
         if !self.persist {
             self.quota = rules.default_quota;
@@ -200,31 +214,19 @@ mod tests {
     #[test]
     fn roll_resets_and_applies_persist() {
         let mut c = Counter {
-            quota: 50,
             used: 60,
-            expiry: 100,
-            persist: false,
             pending: 7,
+            refusal_reported: true,
+            ..Counter::new(50, 100)
         };
         assert!(!c.roll(99, || unreachable!(), &COUNT));
         assert!(c.roll(100, || 200, &COUNT));
-        assert_eq!(
-            c,
-            Counter {
-                quota: 3,
-                used: 0,
-                expiry: 200,
-                persist: false,
-                pending: 0
-            }
-        );
+        assert_eq!(c, Counter::new(3, 200));
 
         let mut p = Counter {
-            quota: 50,
             used: 60,
-            expiry: 100,
             persist: true,
-            pending: 0,
+            ..Counter::new(50, 100)
         };
         assert!(p.roll(150, || 200, &COUNT));
         assert_eq!((p.quota, p.used, p.expiry), (50, 0, 200));

@@ -46,6 +46,8 @@ pub struct Outcome {
     pub expiry: i64,
     /// True when this call created the counter (a new sender).
     pub inserted: bool,
+    /// True for the first refusal of this key in this window.
+    pub first_refusal: bool,
 }
 
 /// A row as the backend stores it; what start-up loads.
@@ -78,6 +80,11 @@ pub struct Delta {
     pub quota: u32,
     /// The persist flag, for a row that has to be inserted.
     pub persist: bool,
+    /// An administrator set `quota` and `persist`: store them as they are.
+    pub set_quota: bool,
+    /// An administrator reset the counter: the stored `used` becomes `delta`
+    /// (for the same window) instead of growing by it.
+    pub reset_used: bool,
 }
 
 /// The counters of one limit.
@@ -137,6 +144,8 @@ impl CounterStore {
     ) -> Outcome {
         c.roll(now, || limit.calendar.window_end(now), &limit.rules);
         let Charge { accepted, added } = c.charge(amount, &limit.rules);
+        let first_refusal = !accepted && !c.refusal_reported;
+        c.refusal_reported |= first_refusal;
         Outcome {
             accepted,
             added,
@@ -144,17 +153,16 @@ impl CounterStore {
             quota: c.quota,
             expiry: c.expiry,
             inserted,
+            first_refusal,
         }
     }
 
     /// Puts a row loaded from the backend into the map, replacing what was there.
     pub fn load(&self, row: StoredRow) {
         let counter = Counter {
-            quota: row.quota,
             used: row.used,
-            expiry: row.expiry.unwrap_or(0),
             persist: row.persist,
-            pending: 0,
+            ..Counter::new(row.quota, row.expiry.unwrap_or(0))
         };
         self.map.insert(row.key.into_boxed_str(), counter);
     }
@@ -166,18 +174,21 @@ impl CounterStore {
         let mut out = Vec::new();
         for mut entry in self.map.iter_mut() {
             let (key, c) = entry.pair_mut();
-            if c.pending == 0 {
+            if c.pending == 0 && !c.set_quota && !c.reset_used {
                 continue;
             }
-            let delta = Delta {
+            out.push(Delta {
                 key: key.clone(),
                 delta: c.pending,
                 window_expiry: c.expiry,
                 quota: c.quota,
                 persist: c.persist,
-            };
+                set_quota: c.set_quota,
+                reset_used: c.reset_used,
+            });
             c.pending = 0;
-            out.push(delta);
+            c.set_quota = false;
+            c.reset_used = false;
         }
         out
     }
@@ -189,8 +200,13 @@ impl CounterStore {
         let mut restored = 0;
         for d in deltas {
             if let Some(mut c) = self.map.get_mut(&*d.key) {
+                // An admin's quota is written whatever the window.
+                c.set_quota |= d.set_quota;
                 if c.expiry == d.window_expiry {
                     c.pending = c.pending.saturating_add(d.delta);
+                    c.reset_used |= d.reset_used;
+                    restored += 1;
+                } else if d.set_quota {
                     restored += 1;
                 }
             }
@@ -206,6 +222,106 @@ impl CounterStore {
         self.map
             .retain(|_, c| !(now >= c.expiry && c.pending == 0 && !c.persist));
         before.saturating_sub(self.map.len())
+    }
+
+    /// Sets a key's quota and persist flag now (creating the key if needed);
+    /// the backend gets them at the next flush. Returns the counter.
+    pub fn set_quota(
+        &self,
+        key: &str,
+        quota: u32,
+        persist: bool,
+        now: i64,
+        limit: &Limit,
+    ) -> Counter {
+        let mut c = self.map.entry(Box::from(key)).or_insert_with(|| {
+            Counter::new(limit.rules.default_quota, limit.calendar.window_end(now))
+        });
+        c.roll(now, || limit.calendar.window_end(now), &limit.rules);
+        c.quota = quota;
+        c.persist = persist;
+        c.set_quota = true;
+        c.refusal_reported = false;
+        *c
+    }
+
+    /// Resets a key's usage to 0 now; the backend's `used` follows at the
+    /// next flush. `None` for an unknown key.
+    pub fn reset(&self, key: &str) -> Option<Counter> {
+        let mut c = self.map.get_mut(key)?;
+        c.used = 0;
+        c.pending = 0;
+        c.reset_used = true;
+        c.refusal_reported = false;
+        Some(*c)
+    }
+
+    /// Gives non-persistent counters at quota `old` the quota `new` (after
+    /// `default_quota` changed on reload). Returns how many changed.
+    pub fn apply_default_quota(&self, old: u32, new: u32) -> usize {
+        let mut changed = 0;
+        if old != new {
+            for mut e in self.map.iter_mut() {
+                if !e.persist && e.quota == old {
+                    e.quota = new;
+                    changed += 1;
+                }
+            }
+        }
+        changed
+    }
+
+    /// Takes `quota` and `persist` of a stored row into memory (reload),
+    /// unless an administrator's change is waiting to be written. A row not
+    /// in memory is loaded whole. A non-persistent row at the old default
+    /// quota gets the new default.
+    pub fn refresh_quota(&self, row: StoredRow, old_default: u32, new_default: u32) {
+        let quota = if !row.persist && row.quota == old_default {
+            new_default
+        } else {
+            row.quota
+        };
+        match self.map.get_mut(row.key.as_str()) {
+            Some(mut c) => {
+                if !c.set_quota {
+                    c.quota = quota;
+                    c.persist = row.persist;
+                }
+            }
+            None => self.load(StoredRow { quota, ..row }),
+        }
+    }
+
+    /// Up to `n` counters with the highest `used`, highest first.
+    pub fn top(&self, n: usize) -> Vec<(Box<str>, Counter)> {
+        use std::cmp::Reverse;
+        use std::collections::BinaryHeap;
+        let mut heap: BinaryHeap<Reverse<(u32, Box<str>)>> = BinaryHeap::with_capacity(n + 1);
+        for e in self.map.iter() {
+            if n == 0 {
+                break;
+            }
+            if heap.len() < n {
+                heap.push(Reverse((e.used, e.key().clone())));
+            } else if heap.peek().is_some_and(|Reverse((used, _))| e.used > *used) {
+                heap.pop();
+                heap.push(Reverse((e.used, e.key().clone())));
+            }
+        }
+        let mut keys: Vec<_> = heap.into_iter().map(|Reverse(x)| x).collect();
+        keys.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+        keys.into_iter()
+            .filter_map(|(_, k)| self.get(&k).map(|c| (k, c)))
+            .collect()
+    }
+
+    /// A copy of every counter, taken one shard at a time.
+    pub fn snapshot(&self) -> Vec<(Box<str>, Counter)> {
+        let mut out = Vec::with_capacity(self.map.len());
+        for e in self.map.iter() {
+            out.push((e.key().clone(), *e.value()));
+        }
+        out
     }
 
     /// A copy of one counter.
@@ -277,7 +393,8 @@ mod tests {
                 used: 1,
                 quota: 2,
                 expiry: 100,
-                inserted: true
+                inserted: true,
+                first_refusal: false
             }
         );
         let o = s.check_and_increment("a", 2, 11, &l);

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use ratelimit_policyd::clock::ManualClock;
 use ratelimit_policyd::config::{Config, ListenAddr};
-use ratelimit_policyd::daemon::{self, Daemon};
+use ratelimit_policyd::daemon::{self, Daemon, Listeners};
 use ratelimit_policyd::persist::memory::MemoryBackend;
 use ratelimit_policyd::persist::{Backend, FinalFlush};
 use ratelimit_policyd::server::Listener;
@@ -55,11 +55,16 @@ pub async fn start_with<B: Backend>(
     let config = config(toml);
     let listener = Listener::bind(&config.listen).await.expect("bind");
     let shutdown = CancellationToken::new();
+    let listeners = Listeners {
+        policy: listener,
+        control: None,
+    };
     let daemon = daemon::start(
         &config,
+        None,
         Arc::clone(&backend),
         Arc::new(clock.clone()),
-        listener,
+        listeners,
         shutdown.clone(),
     )
     .await
