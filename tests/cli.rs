@@ -2,98 +2,21 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
+use std::process::Command;
 
+use common::binary::{spawn, write_config, BIN};
 use common::{is_deferred, Client, Req};
 
-const BIN: &str = env!("CARGO_BIN_EXE_ratelimit-policyd");
-
-fn write_config(dir: &Path, extra: &str) -> PathBuf {
-    let path = dir.join("ratelimit-policyd.toml");
-    let toml = format!(
-        r#"listen = "127.0.0.1:0"
-control_socket = "{dir}/control.sock"
-[limits]
-default_quota = 3
-timezone = "UTC"
-{extra}
-[database]
-url = "sqlite://{dir}/ratelimit.db"
-[log]
-syslog = false
-file = "{dir}/ratelimit-policyd.log"
-"#,
-        dir = dir.display()
-    );
-    std::fs::write(&path, toml).unwrap();
-    path
-}
-
-struct Daemon {
-    child: Child,
-    addr: std::net::SocketAddr,
-}
-
-/// Starts the binary and waits for its "listening on" line.
-fn spawn(config: &Path) -> Daemon {
-    let mut child = Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(config)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(rest) = line.split("listening on ").nth(1) {
-                let addr = rest.split_whitespace().next().unwrap().to_string();
-                let _ = tx.send(addr);
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("the daemon reports where it listens")
-        .parse()
-        .unwrap();
-    Daemon { child, addr }
-}
-
-impl Daemon {
-    fn terminate(mut self) -> i32 {
-        // SAFETY: plain kill(2) on our own child's pid.
-        let rc = unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        assert_eq!(rc, 0);
-        self.child
-            .wait()
-            .unwrap()
-            .code()
-            .expect("exited, not killed")
-    }
-}
-
-fn used_in_db(db: &Path, sender: &str) -> (u32, u32) {
-    let conn = rusqlite::Connection::open(db).unwrap();
-    conn.query_row(
-        "SELECT used, quota FROM ratelimit WHERE sender = ?1",
-        [sender],
-        |r| Ok((r.get(0)?, r.get(1)?)),
-    )
-    .unwrap()
+fn used_in_db(db: &std::path::Path, sender: &str) -> (u32, u32) {
+    let (used, quota, _) = common::binary::db_row(db, sender);
+    (used, quota)
 }
 
 #[tokio::test]
 async fn sigterm_saves_exact_counts_and_a_restart_enforces_them() {
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), "");
-    let d = spawn(&config);
+    let config = write_config(dir.path(), "", "");
+    let d = spawn(&config, &[]);
     let mut c = Client::connect(d.addr).await;
     let mut answers = Vec::new();
     for n in 0..5 {
@@ -115,7 +38,7 @@ async fn sigterm_saves_exact_counts_and_a_restart_enforces_them() {
     assert_eq!(used_in_db(&db, "alice@example.com"), (5, 3));
     assert_eq!(used_in_db(&db, "bob@example.com"), (2, 3));
 
-    let d = spawn(&config);
+    let d = spawn(&config, &[]);
     let mut c = Client::connect(d.addr).await;
     let refused = c.ask(&Req::rcpt("alice@example.com", "i3", "a@x")).await;
     assert!(refused.contains("(6/3)"), "{refused}");
@@ -149,8 +72,8 @@ async fn sigterm_saves_exact_counts_and_a_restart_enforces_them() {
 #[tokio::test]
 async fn client_values_cannot_forge_log_lines() {
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), "");
-    let d = spawn(&config);
+    let config = write_config(dir.path(), "", "");
+    let d = spawn(&config, &[]);
     let mut c = Client::connect(d.addr).await;
     let req = Req::rcpt("mallory@example.com", "i1", "a@x")
         .with("client_name", "evil\rfake: status=OK%s%n")
@@ -168,7 +91,7 @@ async fn client_values_cannot_forge_log_lines() {
 #[test]
 fn check_config_prints_the_effective_configuration() {
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), "count = \"messages\"");
+    let config = write_config(dir.path(), "count = \"messages\"", "");
     let out = Command::new(BIN)
         .args(["check-config", "--config"])
         .arg(&config)
@@ -241,7 +164,7 @@ fn invalid_configuration_names_every_key_and_exits_78() {
 #[test]
 fn a_corrupt_database_is_a_clear_error_not_a_panic() {
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), "");
+    let config = write_config(dir.path(), "", "");
     std::fs::write(dir.path().join("ratelimit.db"), vec![0x5au8; 16384]).unwrap();
     let out = Command::new(BIN)
         .args(["run", "--config"])
@@ -261,7 +184,7 @@ fn a_corrupt_database_is_a_clear_error_not_a_panic() {
 fn a_port_in_use_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let config = write_config(dir.path(), "");
+    let config = write_config(dir.path(), "", "");
     let out = Command::new(BIN)
         .args(["run", "--config"])
         .arg(&config)

@@ -2,6 +2,8 @@
 //! client that speaks the policy protocol over a real socket.
 #![allow(dead_code)] // each test crate uses a different part of this module
 
+pub mod binary;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 
