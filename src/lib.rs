@@ -50,3 +50,4 @@ pub mod server;
 pub mod shutdown;
 pub mod stats;
 pub mod store;
+pub mod systemd;

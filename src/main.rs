@@ -23,7 +23,7 @@ use ratelimit_policyd::error::{Error, EXIT_COUNTS_LOST};
 use ratelimit_policyd::logging::{self, Outputs};
 use ratelimit_policyd::persist::sqlite::SqliteBackend;
 use ratelimit_policyd::server::Listener;
-use ratelimit_policyd::{notice, shutdown};
+use ratelimit_policyd::{notice, shutdown, systemd};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -163,6 +163,12 @@ async fn serve(config: Config, source: ConfigSource) -> anyhow::Result<ExitCode>
         describe(&config.database.url),
         running.store.len()
     );
+    if let Err(e) = systemd::notify(&format!(
+        "READY=1\nSTATUS=listening on {}",
+        running.local_addr
+    )) {
+        log::warn!("cannot notify systemd: {e}");
+    }
     let report = running.wait().await?;
     if report.error.is_some() {
         return Ok(ExitCode::from(EXIT_COUNTS_LOST));

@@ -33,6 +33,7 @@ pub fn spawn_signal_handler(token: CancellationToken) -> io::Result<tokio::task:
                 log::warn!("{name} received again; still shutting down");
             } else {
                 crate::notice!("{name} received; stopping");
+                let _ = crate::systemd::notify("STOPPING=1");
                 token.cancel();
             }
         }

@@ -383,3 +383,31 @@ async fn sigusr1_reopens_the_log_file() {
         "{new}"
     );
 }
+
+#[test]
+fn tells_systemd_when_it_is_ready_and_when_it_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let notify_path = dir.path().join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let config = write_config(dir.path(), "", "");
+    let d = common::binary::spawn_env(
+        &config,
+        &[],
+        &[("NOTIFY_SOCKET", notify_path.to_str().unwrap())],
+    );
+    let mut buf = [0u8; 512];
+    let n = notify.recv(&mut buf).unwrap();
+    let ready = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(
+        ready.starts_with("READY=1\nSTATUS=listening on 127.0.0.1:"),
+        "{ready}"
+    );
+    // READY comes after the control socket is up.
+    assert!(cli(&config, &["status"]).status.success());
+    assert_eq!(d.terminate(), 0);
+    let n = notify.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"STOPPING=1");
+}

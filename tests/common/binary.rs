@@ -51,10 +51,16 @@ pub struct Daemon {
 
 /// Starts `run --config config ARGS...` and waits for its "listening on" line.
 pub fn spawn(config: &Path, args: &[&str]) -> Daemon {
+    spawn_env(config, args, &[])
+}
+
+/// [`spawn`] with extra environment variables.
+pub fn spawn_env(config: &Path, args: &[&str], env: &[(&str, &str)]) -> Daemon {
     let mut child = Command::new(BIN)
         .args(["run", "--config"])
         .arg(config)
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

@@ -1,0 +1,165 @@
+#!/bin/sh
+# Installs ratelimit-policyd: binary, configuration, system user, directories,
+# systemd unit or init.d script, logrotate file. Idempotent: run it again to
+# upgrade; an existing configuration file is never overwritten.
+#
+#   ./install.sh [--prefix DIR] [--binary PATH] [--init systemd|sysv|none] [--uninstall]
+#   DESTDIR=/tmp/pkg ./install.sh ...     # stage into a directory (packagers)
+#
+# Without --binary it builds with `cargo build --release`.
+set -eu
+
+NAME=ratelimit-policyd
+PREFIX=/usr/local
+BINARY=""
+INIT=auto
+UNINSTALL=0
+DESTDIR=${DESTDIR:-}
+
+usage() {
+    sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
+    exit "${1:-0}"
+}
+
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --prefix) PREFIX=$2; shift 2 ;;
+        --prefix=*) PREFIX=${1#*=}; shift ;;
+        --binary) BINARY=$2; shift 2 ;;
+        --binary=*) BINARY=${1#*=}; shift ;;
+        --init) INIT=$2; shift 2 ;;
+        --init=*) INIT=${1#*=}; shift ;;
+        --uninstall) UNINSTALL=1; shift ;;
+        -h|--help) usage 0 ;;
+        *) echo "install.sh: unknown option $1" >&2; usage 2 ;;
+    esac
+done
+
+SRC=$(cd "$(dirname "$0")" && pwd)
+SBINDIR=$PREFIX/sbin
+DOCDIR=$PREFIX/share/doc/$NAME
+SYSCONFDIR=/etc
+CONFDIR=$SYSCONFDIR/$NAME
+CONFIG=$CONFDIR/$NAME.toml
+STATEDIR=/var/lib/$NAME
+LOGDIR=/var/log/$NAME
+UNITDIR=/etc/systemd/system
+INITDIR=/etc/init.d
+LOGROTATEDIR=/etc/logrotate.d
+
+if [ "$INIT" = auto ]; then
+    if [ -d /run/systemd/system ]; then INIT=systemd; else INIT=sysv; fi
+fi
+case "$INIT" in systemd|sysv|none) ;; *) echo "install.sh: --init must be systemd, sysv or none" >&2; exit 2 ;; esac
+
+# The real system is changed (users, ownership) only without DESTDIR.
+on_target() { [ -z "$DESTDIR" ] && [ "$(id -u)" = 0 ]; }
+
+say() { echo "install.sh: $*"; }
+
+if [ "$UNINSTALL" = 1 ]; then
+    if on_target && [ "$INIT" = systemd ] && command -v systemctl >/dev/null 2>&1; then
+        systemctl disable --now "$NAME.service" >/dev/null 2>&1 || true
+    fi
+    if on_target && [ "$INIT" = sysv ] && [ -x "$INITDIR/$NAME" ]; then
+        "$INITDIR/$NAME" stop || true
+        if command -v update-rc.d >/dev/null 2>&1; then
+            update-rc.d "$NAME" remove >/dev/null 2>&1 || true
+        fi
+    fi
+    rm -f "$DESTDIR$SBINDIR/$NAME" "$DESTDIR$UNITDIR/$NAME.service" "$DESTDIR$INITDIR/$NAME" \
+        "$DESTDIR$LOGROTATEDIR/$NAME"
+    rm -rf "$DESTDIR$DOCDIR"
+    say "removed the program files; kept $CONFIG, $STATEDIR (counters), $LOGDIR and the user $NAME"
+    exit 0
+fi
+
+if [ -z "$BINARY" ]; then
+    say "building with cargo"
+    (cd "$SRC" && cargo build --release --locked)
+    BINARY=$SRC/target/release/$NAME
+fi
+[ -x "$BINARY" ] || { echo "install.sh: $BINARY is not an executable" >&2; exit 1; }
+
+if on_target; then
+    if ! getent group "$NAME" >/dev/null; then
+        groupadd --system "$NAME"
+        say "created group $NAME"
+    fi
+    if ! getent passwd "$NAME" >/dev/null; then
+        useradd --system --gid "$NAME" --home-dir "$STATEDIR" --no-create-home \
+            --shell /usr/sbin/nologin --comment "ratelimit-policyd" "$NAME"
+        say "created user $NAME"
+    fi
+fi
+
+subst() {
+    sed -e "s|@SBINDIR@|$SBINDIR|g" -e "s|@SYSCONFDIR@|$SYSCONFDIR|g" -e "s|@DOCDIR@|$DOCDIR|g" "$1"
+}
+
+install -d -m 0755 "$DESTDIR$SBINDIR" "$DESTDIR$DOCDIR" "$DESTDIR$CONFDIR" "$DESTDIR$LOGROTATEDIR"
+install -m 0755 "$BINARY" "$DESTDIR$SBINDIR/$NAME"
+install -m 0644 "$SRC/README.md" "$DESTDIR$DOCDIR/"
+if [ -f "$SRC/schema.sql" ]; then
+    install -m 0644 "$SRC/schema.sql" "$DESTDIR$DOCDIR/"
+fi
+install -m 0644 "$SRC/logrotate/$NAME" "$DESTDIR$LOGROTATEDIR/$NAME"
+
+if [ -e "$DESTDIR$CONFIG" ]; then
+    say "kept the existing $CONFIG"
+else
+    # The installed defaults: syslog on, SQLite under /var/lib, control socket
+    # under /run (see the README's configuration reference).
+    sed -e 's|^control_socket = .*|control_socket = "/run/ratelimit-policyd/control.sock"|' \
+        -e 's|^url = "sqlite://./ratelimit.db".*|url = "sqlite:///var/lib/ratelimit-policyd/ratelimit.db"|' \
+        -e 's|^syslog = false.*|syslog = true|' \
+        -e 's|^# The SQLite file and the control socket live in the current directory.|# Installed by install.sh.|' \
+        -e '/cargo run --release/d' \
+        "$SRC/examples/$NAME.toml" > "$DESTDIR$CONFIG.new"
+    chmod 0644 "$DESTDIR$CONFIG.new"
+    mv "$DESTDIR$CONFIG.new" "$DESTDIR$CONFIG"
+    say "wrote $CONFIG"
+fi
+
+install -d -m 0750 "$DESTDIR$STATEDIR" "$DESTDIR$LOGDIR"
+if on_target; then
+    chown "$NAME:$NAME" "$STATEDIR" "$LOGDIR"
+fi
+
+case "$INIT" in
+    systemd)
+        install -d -m 0755 "$DESTDIR$UNITDIR"
+        subst "$SRC/init/$NAME.service" > "$DESTDIR$UNITDIR/$NAME.service"
+        chmod 0644 "$DESTDIR$UNITDIR/$NAME.service"
+        if on_target && command -v systemctl >/dev/null 2>&1; then
+            systemctl daemon-reload || true
+        fi
+        start="systemctl enable --now $NAME"
+        ;;
+    sysv)
+        install -d -m 0755 "$DESTDIR$INITDIR"
+        subst "$SRC/init/$NAME" > "$DESTDIR$INITDIR/$NAME"
+        chmod 0755 "$DESTDIR$INITDIR/$NAME"
+        start="update-rc.d $NAME defaults && service $NAME start"
+        ;;
+    none)
+        start="$SBINDIR/$NAME run --config $CONFIG"
+        ;;
+esac
+
+cat <<MSG
+
+ratelimit-policyd is installed. Next steps:
+
+  1. Review $CONFIG
+     ($SBINDIR/$NAME check-config --config $CONFIG prints what is in force).
+  2. Start it:  $start
+  3. In /etc/postfix/main.cf, before your other sender restrictions:
+       smtpd_sender_restrictions =
+           check_policy_service { inet:127.0.0.1:10032, default_action=DUNNO }
+           ...
+     then: postfix reload
+  4. Watch it:  $SBINDIR/$NAME status --config $CONFIG
+  MySQL/MariaDB instead of SQLite: create the table from $DOCDIR/schema.sql
+  (when your version ships it) and set database.url in $CONFIG.
+MSG
