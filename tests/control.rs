@@ -196,16 +196,19 @@ async fn reload_and_sighup_apply_new_limits() {
         "DUNNO",
         "5/5 is within the new quota"
     );
-    // SIGHUP reloads too: fix the file to quota 6 and signal.
-    std::fs::write(
-        &config,
-        toml.replace("default_quota = 3", "default_quota = 6"),
-    )
-    .unwrap();
+    // SIGHUP reloads too; a new listen address is reported as needing a restart.
+    let changed = toml
+        .replace("default_quota = 3", "default_quota = 6")
+        .replace("127.0.0.1:0", "127.0.0.2:0");
+    std::fs::write(&config, changed).unwrap();
     d.signal(libc::SIGHUP);
     d.wait_for("SIGHUP received");
     let line = d.wait_for("reloaded ");
     assert!(line.contains("default_quota 5 -> 6"), "{line}");
+    assert!(
+        line.contains("listen changed: takes effect after a restart"),
+        "{line}"
+    );
     assert_eq!(
         c.ask(&Req::rcpt("amy@example.com", "k", "a@x")).await,
         "DUNNO"
