@@ -19,7 +19,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
+
+use crate::ask::{Asker, Reply};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -63,12 +65,10 @@ impl Daemon {
     }
 }
 
-type ReloadRequest = oneshot::Sender<Result<String, String>>;
-
 /// Asks the daemon to reload its configuration.
 #[derive(Debug, Clone)]
 pub struct ReloadHandle {
-    tx: mpsc::Sender<ReloadRequest>,
+    asker: Asker<Result<String, String>>,
 }
 
 impl ReloadHandle {
@@ -79,12 +79,10 @@ impl ReloadHandle {
     /// A message saying why nothing was changed (invalid configuration, no
     /// configuration file) or what could not be done.
     pub async fn reload(&self) -> Result<String, String> {
-        let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(tx)
+        self.asker
+            .ask()
             .await
-            .map_err(|_| "the daemon is stopping".to_string())?;
-        rx.await.map_err(|_| "the daemon is stopping".to_string())?
+            .unwrap_or_else(|| Err("the daemon is stopping".into()))
     }
 }
 
@@ -157,8 +155,8 @@ pub async fn start<B: Backend>(
         Arc::clone(&stats),
     ));
 
-    let (reload_tx, reload_rx) = mpsc::channel(4);
-    let reload = ReloadHandle { tx: reload_tx };
+    let (asker, reload_rx) = crate::ask::channel(4);
+    let reload = ReloadHandle { asker };
     let reloader = Reloader {
         source,
         current: config.clone(),
@@ -221,7 +219,7 @@ struct Reloader<B> {
 }
 
 impl<B: Backend> Reloader<B> {
-    async fn run(mut self, mut requests: mpsc::Receiver<ReloadRequest>) {
+    async fn run(mut self, mut requests: mpsc::Receiver<Reply<Result<String, String>>>) {
         while let Some(reply) = requests.recv().await {
             let result = self.reload().await;
             match &result {

@@ -36,6 +36,7 @@
 
 #![deny(missing_docs)]
 
+pub mod ask;
 pub mod cli;
 pub mod clock;
 pub mod config;

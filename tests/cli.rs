@@ -4,7 +4,7 @@ mod common;
 
 use std::process::Command;
 
-use common::binary::{spawn, write_config, BIN};
+use common::binary::{cli, spawn, stderr, write_config, BIN};
 use common::{is_deferred, Client, Req};
 
 fn used_in_db(db: &std::path::Path, sender: &str) -> (u32, u32) {
@@ -128,13 +128,9 @@ fn invalid_configuration_names_every_key_and_exits_78() {
         "listen = \"nowhere\"\n[limits]\nperiod = \"yearly\"\ncolour = \"blue\"\n",
     )
     .unwrap();
-    let out = Command::new(BIN)
-        .args(["check-config", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = cli(&path, &["check-config"]);
     assert_eq!(out.status.code(), Some(78));
-    let err = String::from_utf8(out.stderr).unwrap();
+    let err = stderr(&out);
     assert!(err.contains("limits.colour: unknown key"), "{err}");
     // Unknown keys are reported before values are checked.
     std::fs::write(
@@ -142,13 +138,9 @@ fn invalid_configuration_names_every_key_and_exits_78() {
         "listen = \"nowhere\"\n[limits]\nperiod = \"yearly\"\n",
     )
     .unwrap();
-    let out = Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = cli(&path, &["run"]);
     assert_eq!(out.status.code(), Some(78));
-    let err = String::from_utf8(out.stderr).unwrap();
+    let err = stderr(&out);
     assert!(
         err.contains("listen: ") && err.contains("limits.period: "),
         "{err}"

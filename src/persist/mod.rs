@@ -20,7 +20,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
+
+use crate::ask::{Asker, Reply};
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -122,13 +124,10 @@ pub fn merge_delta(row: Option<StoredRow>, d: &Delta, default_quota: u32) -> Sto
     row
 }
 
-/// A request to flush now, answered with the flush's result.
-type FlushRequest = oneshot::Sender<Result<usize, BackendError>>;
-
 /// Asks a running [`Flusher`] to flush now.
 #[derive(Debug, Clone)]
 pub struct FlushHandle {
-    tx: mpsc::Sender<FlushRequest>,
+    asker: Asker<Result<usize, BackendError>>,
 }
 
 impl FlushHandle {
@@ -139,10 +138,10 @@ impl FlushHandle {
     /// The backend failed (the deltas are kept for the next try), or the
     /// flusher has stopped.
     pub async fn flush(&self) -> Result<usize, BackendError> {
-        let (tx, rx) = oneshot::channel();
-        let stopped = || BackendError::Unavailable("the flusher has stopped".into());
-        self.tx.send(tx).await.map_err(|_| stopped())?;
-        rx.await.map_err(|_| stopped())?
+        self.asker
+            .ask()
+            .await
+            .unwrap_or_else(|| Err(BackendError::Unavailable("the flusher has stopped".into())))
     }
 }
 
@@ -179,7 +178,7 @@ pub struct Flusher<B> {
     clock: Arc<dyn Clock>,
     stats: Arc<Stats>,
     settings: FlushSettings,
-    requests: mpsc::Receiver<FlushRequest>,
+    requests: mpsc::Receiver<Reply<Result<usize, BackendError>>>,
 }
 
 impl<B: Backend> Flusher<B> {
@@ -191,7 +190,7 @@ impl<B: Backend> Flusher<B> {
         stats: Arc<Stats>,
         settings: FlushSettings,
     ) -> (Self, FlushHandle) {
-        let (tx, requests) = mpsc::channel(16);
+        let (asker, requests) = crate::ask::channel(16);
         let flusher = Flusher {
             backend,
             store,
@@ -200,7 +199,7 @@ impl<B: Backend> Flusher<B> {
             settings,
             requests,
         };
-        (flusher, FlushHandle { tx })
+        (flusher, FlushHandle { asker })
     }
 
     /// Flushes every `interval` until `shutdown`, then does the final flush.
