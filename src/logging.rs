@@ -170,7 +170,7 @@ pub fn init(cfg: &LogConfig, outputs: &Outputs) -> io::Result<&'static Logger> {
     let logger = LOGGER.get_or_init(|| logger);
     // Fails only if a logger is already installed; keep the first one.
     let _ = log::set_logger(logger);
-    log::set_max_level(log::LevelFilter::Trace);
+    logger.set_level(cfg.level);
     Ok(logger)
 }
 
@@ -248,9 +248,18 @@ impl Logger {
         Level::from_u8(self.level.load(Ordering::Relaxed))
     }
 
-    /// Changes the level (reload).
+    /// Changes the level (reload). The `log` facade's own filter follows,
+    /// so a line below the level costs one comparison at the call site.
     pub fn set_level(&self, level: Level) {
         self.level.store(level as u8, Ordering::Relaxed);
+        log::set_max_level(match level {
+            Level::Error => log::LevelFilter::Error,
+            Level::Warning => log::LevelFilter::Warn,
+            // Notice lines are `info` records with the notice target.
+            Level::Notice | Level::Info => log::LevelFilter::Info,
+            Level::Debug => log::LevelFilter::Debug,
+            Level::Trace => log::LevelFilter::Trace,
+        });
     }
 
     /// Reopens the log file at its path (after logrotate moved it).
