@@ -11,7 +11,8 @@
 //! from its [`ConfigSource`], swaps the settings connections read (limits,
 //! actions, `allowed_clients`, `idle_timeout`), applies the log settings and
 //! re-reads quotas from the backend. A changed `default_quota` applies at
-//! once to non-persistent counters that had the old default. Settings bound
+//! once to non-persistent counters that had the old default (and is written
+//! to their rows at the next flush, so other daemons and refreshes see it). Settings bound
 //! at start (`listen`, `control_socket`, `max_connections`, `[database]`) are
 //! reported as needing a restart.
 
@@ -21,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
-use crate::ask::{Asker, Reply};
+use crate::ask::{Asker, Request};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -29,7 +30,7 @@ use crate::clock::Clock;
 use crate::config::{Config, ConfigSource, ListenAddr};
 use crate::control::{self, ControlContext, ControlListener};
 use crate::error::{Error, Result};
-use crate::persist::{Backend, FinalFlush, FlushHandle, FlushSettings, Flusher};
+use crate::persist::{Backend, BackendError, FinalFlush, FlushHandle, FlushSettings, Flusher};
 use crate::server::{self, Listener, Settings, Shared};
 use crate::stats::Stats;
 use crate::store::CounterStore;
@@ -68,7 +69,7 @@ impl Daemon {
 /// Asks the daemon to reload its configuration.
 #[derive(Debug, Clone)]
 pub struct ReloadHandle {
-    asker: Asker<Result<String, String>>,
+    asker: Asker<(), Result<String, String>>,
 }
 
 impl ReloadHandle {
@@ -80,7 +81,7 @@ impl ReloadHandle {
     /// configuration file) or what could not be done.
     pub async fn reload(&self) -> Result<String, String> {
         self.asker
-            .ask()
+            .ask(())
             .await
             .unwrap_or_else(|| Err("the daemon is stopping".into()))
     }
@@ -116,34 +117,44 @@ pub async fn start<B: Backend>(
         source,
     })?;
     let store = Arc::new(CounterStore::new());
-    let loading = Instant::now();
-    let rows = backend.load_all().await?;
-    let loaded = rows.len();
-    for row in rows {
-        store.load(row);
-    }
-    crate::notice!(
-        "loaded {loaded} counters from {} in {:.0?}",
-        backend.name(),
-        loading.elapsed()
-    );
-
     let stats = Arc::new(Stats::default());
     let default_quota = Arc::new(AtomicU32::new(config.policy.limit.rules.default_quota));
     let settings = FlushSettings {
         interval: config.database.flush_interval,
+        refresh_interval: config.database.refresh_interval,
         min_backoff: Duration::from_secs(1),
         max_backoff: Duration::from_secs(60),
         final_timeout: Duration::from_secs(10),
         default_quota: Arc::clone(&default_quota),
     };
-    let (flusher, flush) = Flusher::new(
+    let (mut flusher, flush) = Flusher::new(
         Arc::clone(&backend),
         Arc::clone(&store),
         Arc::clone(&clock),
         Arc::clone(&stats),
         settings,
     );
+    let loading = Instant::now();
+    match flusher.load().await {
+        Ok(n) => crate::notice!(
+            "loaded {n} counters from {} in {:.0?}",
+            backend.name(),
+            loading.elapsed()
+        ),
+        // A database that is down must not keep mail from being limited:
+        // serve from memory, load at the first refresh that works.
+        Err(BackendError::Unavailable(e)) => {
+            stats
+                .database_up
+                .store(false, std::sync::atomic::Ordering::Relaxed);
+            log::error!(
+                "database unavailable at start ({e}); serving anyway: until the counters are loaded every \
+                 sender starts from 0 with the default quota; retrying at each refresh"
+            );
+        }
+        Err(e) => return Err(e.into()),
+    }
+
     let shared = Arc::new(Shared::new(
         Settings {
             policy: config.policy.clone(),
@@ -219,8 +230,8 @@ struct Reloader<B> {
 }
 
 impl<B: Backend> Reloader<B> {
-    async fn run(mut self, mut requests: mpsc::Receiver<Reply<Result<String, String>>>) {
-        while let Some(reply) = requests.recv().await {
+    async fn run(mut self, mut requests: mpsc::Receiver<Request<(), Result<String, String>>>) {
+        while let Some(((), reply)) = requests.recv().await {
             let result = self.reload().await;
             match &result {
                 Ok(msg) => crate::notice!("{msg}"),
@@ -280,7 +291,7 @@ impl<B: Backend> Reloader<B> {
             Ok(rows) => {
                 let n = rows.len();
                 for row in rows {
-                    store.refresh_quota(row, old_default, new_default);
+                    store.merge_stored(row);
                 }
                 notes.push(format!("{n} quotas re-read from {}", self.backend.name()));
             }

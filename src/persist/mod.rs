@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use crate::ask::{Asker, Reply};
+use crate::ask::{Asker, Request};
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -62,6 +62,19 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Reads every row.
     fn load_all(&self) -> impl Future<Output = Result<Vec<StoredRow>, BackendError>> + Send;
+
+    /// Rows whose `updated` time is at or after `since` (the database's
+    /// unix time of the previous call), and the database's time now, for the
+    /// next call. `since = None` returns no rows, only the time. `Ok(None)`:
+    /// the backend cannot tell (a single daemon's embedded file), so there is
+    /// nothing to refresh.
+    fn load_changed(
+        &self,
+        since: Option<i64>,
+    ) -> impl Future<Output = Result<Option<(Vec<StoredRow>, i64)>, BackendError>> + Send {
+        let _ = since;
+        async { Ok(None) }
+    }
 
     /// Applies the deltas with [`merge_delta`]'s rule, at most
     /// [`MAX_BATCH_ROWS`] per transaction. On error no delta of the failed
@@ -124,10 +137,19 @@ pub fn merge_delta(row: Option<StoredRow>, d: &Delta, default_quota: u32) -> Sto
     row
 }
 
-/// Asks a running [`Flusher`] to flush now.
+/// What a [`FlushHandle`] can ask the flusher to do now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Job {
+    /// Write pending deltas; answers the number of rows.
+    Flush,
+    /// Pull rows changed in the database; answers the number of rows.
+    Refresh,
+}
+
+/// Asks a running [`Flusher`] to flush or refresh now.
 #[derive(Debug, Clone)]
 pub struct FlushHandle {
-    asker: Asker<Result<usize, BackendError>>,
+    asker: Asker<Job, Result<usize, BackendError>>,
 }
 
 impl FlushHandle {
@@ -138,8 +160,22 @@ impl FlushHandle {
     /// The backend failed (the deltas are kept for the next try), or the
     /// flusher has stopped.
     pub async fn flush(&self) -> Result<usize, BackendError> {
+        self.ask(Job::Flush).await
+    }
+
+    /// Pulls changed rows now (or does the initial load, if it has not
+    /// happened yet) and returns how many rows were merged.
+    ///
+    /// # Errors
+    ///
+    /// The backend failed, or the flusher has stopped.
+    pub async fn refresh(&self) -> Result<usize, BackendError> {
+        self.ask(Job::Refresh).await
+    }
+
+    async fn ask(&self, job: Job) -> Result<usize, BackendError> {
         self.asker
-            .ask()
+            .ask(job)
             .await
             .unwrap_or_else(|| Err(BackendError::Unavailable("the flusher has stopped".into())))
     }
@@ -161,6 +197,9 @@ pub struct FinalFlush {
 pub struct FlushSettings {
     /// Time between flushes.
     pub interval: Duration,
+    /// Time between refreshes (rows changed in the database by an
+    /// administrator or by other daemons).
+    pub refresh_interval: Duration,
     /// First retry delay after a failure; doubles up to `max_backoff`.
     pub min_backoff: Duration,
     /// Longest retry delay.
@@ -171,18 +210,32 @@ pub struct FlushSettings {
     pub default_quota: Arc<AtomicU32>,
 }
 
-/// The background task that writes counters behind.
+/// The background task that writes counters behind and pulls changes in.
+///
+/// Flushes and refreshes run one after the other in this one task, so a
+/// refresh never sees the database halfway through one of our flushes (it
+/// would count the in-flight deltas neither as stored nor as pending).
 pub struct Flusher<B> {
     backend: Arc<B>,
     store: Arc<CounterStore>,
     clock: Arc<dyn Clock>,
     stats: Arc<Stats>,
     settings: FlushSettings,
-    requests: mpsc::Receiver<Reply<Result<usize, BackendError>>>,
+    requests: mpsc::Receiver<Request<Job, Result<usize, BackendError>>>,
+    /// Whether every row has been loaded once. False when the database was
+    /// away at start: the next refresh does the whole load.
+    loaded: bool,
+    /// The database's time of the last refresh, for `load_changed`.
+    cursor: Option<i64>,
+}
+
+/// Capped doubling: the next delay after a failure.
+fn next_backoff(previous: Option<Duration>, min: Duration, max: Duration) -> Duration {
+    previous.map_or(min, |b| (b * 2).min(max))
 }
 
 impl<B: Backend> Flusher<B> {
-    /// A flusher and the handle to ask it for a flush.
+    /// A flusher and the handle to ask it for a flush or a refresh.
     pub fn new(
         backend: Arc<B>,
         store: Arc<CounterStore>,
@@ -198,37 +251,111 @@ impl<B: Backend> Flusher<B> {
             stats,
             settings,
             requests,
+            loaded: false,
+            cursor: None,
         };
         (flusher, FlushHandle { asker })
     }
 
-    /// Flushes every `interval` until `shutdown`, then does the final flush.
+    /// Loads every row into the store (at start). On failure the daemon can
+    /// serve anyway: [`Flusher::run`] loads at its first successful refresh.
+    ///
+    /// # Errors
+    ///
+    /// The backend's error.
+    pub async fn load(&mut self) -> Result<usize, BackendError> {
+        // Take the database's time first: changes made during the load are
+        // pulled again by the first refresh, which is harmless.
+        let cursor = self.backend.load_changed(None).await?.map(|(_, at)| at);
+        let rows = self.backend.load_all().await?;
+        let n = rows.len();
+        for row in rows {
+            self.store.merge_stored(row);
+        }
+        self.loaded = true;
+        self.cursor = cursor;
+        Ok(n)
+    }
+
+    /// Flushes every `interval` and refreshes every `refresh_interval` until
+    /// `shutdown`, then does the final flush.
     pub async fn run(mut self, shutdown: CancellationToken) -> FinalFlush {
-        let mut backoff: Option<Duration> = None;
-        let mut next = Instant::now() + self.settings.interval;
+        let (min, max) = (self.settings.min_backoff, self.settings.max_backoff);
+        let mut flush_backoff: Option<Duration> = None;
+        let mut refresh_backoff: Option<Duration> = None;
+        let mut next_flush = Instant::now() + self.settings.interval;
+        let mut next_refresh = Instant::now() + self.settings.refresh_interval;
         loop {
-            let reply = tokio::select! {
+            let (job, reply) = tokio::select! {
                 () = shutdown.cancelled() => break,
-                () = sleep_until(next) => None,
-                Some(reply) = self.requests.recv() => Some(reply),
+                () = sleep_until(next_flush) => (Job::Flush, None),
+                () = sleep_until(next_refresh) => (Job::Refresh, None),
+                Some((job, reply)) = self.requests.recv() => (job, Some(reply)),
             };
-            let result = self.flush_once().await;
-            backoff = match &result {
-                Ok(_) => None,
-                Err(_) => Some(backoff.map_or(self.settings.min_backoff, |b| {
-                    (b * 2).min(self.settings.max_backoff)
-                })),
+            let result = match job {
+                Job::Flush => {
+                    let result = self.flush_once().await;
+                    flush_backoff = result
+                        .is_err()
+                        .then(|| next_backoff(flush_backoff, min, max));
+                    next_flush = Instant::now() + flush_backoff.unwrap_or(self.settings.interval);
+                    let evicted = self.store.evict_idle(self.clock.now());
+                    if evicted > 0 {
+                        log::debug!("evicted {evicted} idle counters");
+                    }
+                    result
+                }
+                Job::Refresh => {
+                    let result = self.refresh_once().await;
+                    refresh_backoff = result
+                        .is_err()
+                        .then(|| next_backoff(refresh_backoff, min, max));
+                    let wait = refresh_backoff.map_or(self.settings.refresh_interval, |b| {
+                        b.min(self.settings.refresh_interval)
+                    });
+                    next_refresh = Instant::now() + wait;
+                    result
+                }
             };
-            next = Instant::now() + backoff.unwrap_or(self.settings.interval);
             if let Some(reply) = reply {
                 let _ = reply.send(result);
             }
-            let evicted = self.store.evict_idle(self.clock.now());
-            if evicted > 0 {
-                log::debug!("evicted {evicted} idle counters");
-            }
         }
         self.final_flush().await
+    }
+
+    /// Pulls the rows changed since the last refresh (everything, if the
+    /// initial load has not happened yet) and merges them into the store.
+    ///
+    /// # Errors
+    ///
+    /// The backend's error.
+    pub async fn refresh_once(&mut self) -> Result<usize, BackendError> {
+        let result = if self.loaded {
+            match self.backend.load_changed(self.cursor).await {
+                Ok(Some((rows, at))) => {
+                    let n = rows.len();
+                    for row in rows {
+                        self.store.merge_stored(row);
+                    }
+                    self.cursor = Some(at);
+                    Ok(n)
+                }
+                Ok(None) => Ok(0),
+                Err(e) => Err(e),
+            }
+        } else {
+            let loaded = self.load().await;
+            if let Ok(n) = &loaded {
+                crate::notice!(
+                    "loaded {n} counters from {} (deferred start-up load)",
+                    self.backend.name()
+                );
+            }
+            loaded
+        };
+        self.note_database(&result, "refresh");
+        result
     }
 
     async fn final_flush(&self) -> FinalFlush {
@@ -296,28 +423,29 @@ impl<B: Backend> Flusher<B> {
             rows,
             error: result.as_ref().err().map(ToString::to_string),
         };
+        if result.is_err() {
+            self.stats.flush_failures.fetch_add(1, Ordering::Relaxed);
+        }
+        let result = result.map(|()| rows);
+        self.note_database(&result, "flush");
+        result
+    }
+
+    /// Keeps `database_up` and logs one line when the database goes away and
+    /// one when it is back.
+    fn note_database(&self, result: &Result<usize, BackendError>, what: &str) {
         let was_up = self
             .stats
             .database_up
             .swap(result.is_ok(), Ordering::Relaxed);
-        match (&result, was_up) {
-            (Err(e), true) => {
-                self.stats.flush_failures.fetch_add(1, Ordering::Relaxed);
-                log::error!(
-                    "{} {e}; counting goes on in memory and unsaved usage is kept",
-                    self.backend.name()
-                );
-            }
-            (Err(_), false) => {
-                self.stats.flush_failures.fetch_add(1, Ordering::Relaxed);
-            }
-            (Ok(()), false) => crate::notice!(
-                "{} database available again; {rows} rows written",
-                self.backend.name()
+        let name = self.backend.name();
+        match (result, was_up) {
+            (Err(e), true) => log::error!(
+                "{name} {what} failed: {e}; requests are answered from memory and unsaved usage is kept"
             ),
-            (Ok(()), true) => {}
+            (Ok(_), false) => crate::notice!("{name} database available again"),
+            _ => {}
         }
-        result.map(|()| rows)
     }
 }
 

@@ -257,13 +257,15 @@ impl CounterStore {
     }
 
     /// Gives non-persistent counters at quota `old` the quota `new` (after
-    /// `default_quota` changed on reload). Returns how many changed.
+    /// `default_quota` changed on reload), and marks them so the new quota
+    /// is written to their rows at the next flush. Returns how many changed.
     pub fn apply_default_quota(&self, old: u32, new: u32) -> usize {
         let mut changed = 0;
         if old != new {
             for mut e in self.map.iter_mut() {
                 if !e.persist && e.quota == old {
                     e.quota = new;
+                    e.set_quota = true;
                     changed += 1;
                 }
             }
@@ -271,24 +273,41 @@ impl CounterStore {
         changed
     }
 
-    /// Takes `quota` and `persist` of a stored row into memory (reload),
-    /// unless an administrator's change is waiting to be written. A row not
-    /// in memory is loaded whole. A non-persistent row at the old default
-    /// quota gets the new default.
-    pub fn refresh_quota(&self, row: StoredRow, old_default: u32, new_default: u32) {
-        let quota = if !row.persist && row.quota == old_default {
-            new_default
-        } else {
-            row.quota
+    /// Merges a row read from the backend (initial load, refresh, reload).
+    /// The database is the authority for `quota` and `persist` — except while
+    /// an administrator's change made here waits to be written — and for
+    /// `used`, to which the usage not yet written from here is added:
+    ///
+    /// - key not in memory: the row is taken as it is;
+    /// - row of a newer window (another daemon rolled it over): taken as it
+    ///   is; usage pending here belonged to the finished window and is dropped;
+    /// - row of the same window: `used` = stored `used` + `pending` (the
+    ///   stored value includes what every daemon has flushed, ours too);
+    /// - row of an older window (ours has rolled, the row not yet): only a
+    ///   persistent quota is taken; the rest is ours to write.
+    pub fn merge_stored(&self, row: StoredRow) {
+        let Some(mut c) = self.map.get_mut(row.key.as_str()) else {
+            self.load(row);
+            return;
         };
-        match self.map.get_mut(row.key.as_str()) {
-            Some(mut c) => {
-                if !c.set_quota {
-                    c.quota = quota;
-                    c.persist = row.persist;
-                }
+        let expiry = row.expiry.unwrap_or(0);
+        let take_quota = !c.set_quota;
+        if expiry > c.expiry {
+            c.used = row.used;
+            c.expiry = expiry;
+            c.pending = 0;
+            c.reset_used = false;
+            c.refusal_reported = false;
+        } else if expiry == c.expiry {
+            if !c.reset_used {
+                c.used = row.used.saturating_add(c.pending);
             }
-            None => self.load(StoredRow { quota, ..row }),
+        } else if !row.persist {
+            return;
+        }
+        if take_quota {
+            c.quota = row.quota;
+            c.persist = row.persist;
         }
     }
 
@@ -490,5 +509,53 @@ mod tests {
         s.check_and_increment("active", 1, 60, &l);
         assert_eq!(s.evict_idle(60), 1);
         assert!(s.get("old").is_none() && s.get("vip").is_some() && s.get("active").is_some());
+    }
+
+    #[test]
+    fn merged_rows_follow_the_window_rule() {
+        let s = CounterStore::new();
+        let l = limit(10);
+        let row = |key: &str, quota, used, expiry, persist| StoredRow {
+            key: key.into(),
+            quota,
+            used,
+            expiry: Some(expiry),
+            persist,
+        };
+        // Unknown key: taken as it is.
+        s.merge_stored(row("new", 5, 3, 100, false));
+        assert_eq!(s.get("new").map(|c| (c.quota, c.used)), Some((5, 3)));
+        // Same window: stored used (everyone's flushed usage) + our pending.
+        s.check_and_increment("same", 2, 10, &l);
+        s.merge_stored(row("same", 20, 7, 100, true));
+        let c = s.get("same").unwrap();
+        assert_eq!((c.quota, c.used, c.pending, c.persist), (20, 9, 2, true));
+        // Newer window elsewhere: taken; our pending belonged to the old one.
+        s.merge_stored(row("same", 20, 1, 200, true));
+        let c = s.get("same").unwrap();
+        assert_eq!((c.used, c.expiry, c.pending), (1, 200, 0));
+        // Older stored window: only a persistent quota is taken.
+        s.check_and_increment("ours", 4, 10, &l);
+        s.merge_stored(row("ours", 99, 50, 50, false));
+        assert_eq!(s.get("ours").map(|c| (c.quota, c.used)), Some((10, 4)));
+        s.merge_stored(row("ours", 99, 50, 50, true));
+        assert_eq!(
+            s.get("ours").map(|c| (c.quota, c.used, c.persist)),
+            Some((99, 4, true))
+        );
+        // An admin change waiting to be written wins over the database.
+        s.set_quota("ours", 7, false, 10, &l);
+        s.merge_stored(row("ours", 99, 1, 100, true));
+        assert_eq!(
+            s.get("ours").map(|c| (c.quota, c.persist, c.used)),
+            Some((7, false, 5))
+        );
+        s.reset("ours");
+        s.merge_stored(row("ours", 99, 40, 100, true));
+        assert_eq!(
+            s.get("ours").unwrap().used,
+            0,
+            "a pending reset is not undone"
+        );
     }
 }
