@@ -704,9 +704,17 @@ fn parse_database_url(s: &str) -> Result<DatabaseUrl, String> {
         return Ok(DatabaseUrl::Sqlite(PathBuf::from(rest)));
     }
     if s.starts_with("mysql://") || s.starts_with("mariadb://") {
-        return Err(
-            "the MySQL/MariaDB backend is not available in this version; use sqlite://".into(),
-        );
+        let names_database = s
+            .split_once("://")
+            .and_then(|(_, rest)| rest.split_once('/'))
+            .is_some_and(|(_, db)| !db.is_empty() && !db.starts_with('?'));
+        if !names_database {
+            return Err(format!(
+                "{:?} names no database: use \"mysql://user@host:3306/policyd\"",
+                mask_password(s)
+            ));
+        }
+        return Ok(DatabaseUrl::Mysql(s.to_owned()));
     }
     Err(format!(
         "{:?} is not a database URL: use \"sqlite:///path/to/file.db\" or \"mysql://user@host:port/db\"",
@@ -847,6 +855,22 @@ mod tests {
             ],
             "{e}"
         );
+    }
+
+    #[test]
+    fn mysql_urls_need_a_database() {
+        let c = Config::from_toml_str(
+            "[database]\nurl = \"mysql://policyd:pw@127.0.0.1:3306/policyd\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.database.url,
+            DatabaseUrl::Mysql("mysql://policyd:pw@127.0.0.1:3306/policyd".into())
+        );
+        let e = Config::from_toml_str("[database]\nurl = \"mysql://policyd:pw@127.0.0.1:3306\"\n")
+            .unwrap_err();
+        assert_eq!(e.errors[0].0, "database.url");
+        assert!(!e.to_string().contains("pw@"), "{e}");
     }
 
     #[test]

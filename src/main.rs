@@ -21,7 +21,9 @@ use ratelimit_policyd::control::{self, ControlListener};
 use ratelimit_policyd::daemon::{self, Daemon, Listeners};
 use ratelimit_policyd::error::{Error, EXIT_COUNTS_LOST};
 use ratelimit_policyd::logging::{self, Outputs};
+use ratelimit_policyd::persist::mysql::MysqlBackend;
 use ratelimit_policyd::persist::sqlite::SqliteBackend;
+use ratelimit_policyd::persist::Backend;
 use ratelimit_policyd::server::Listener;
 use ratelimit_policyd::{notice, shutdown, systemd};
 
@@ -120,14 +122,39 @@ fn run_daemon(
 }
 
 async fn serve(config: Config, source: ConfigSource) -> anyhow::Result<ExitCode> {
-    let backend = match &config.database.url {
+    let db = &config.database;
+    match &db.url {
         DatabaseUrl::Sqlite(path) => {
-            SqliteBackend::open(path, &config.database.table).map_err(Error::Database)?
+            let backend = SqliteBackend::open(path, &db.table).map_err(Error::Database)?;
+            serve_with(config, source, backend).await
         }
-        DatabaseUrl::Mysql(_) => {
-            unreachable!("config validation rejects mysql URLs in this version")
+        DatabaseUrl::Mysql(url) => {
+            let password = match &db.password_file {
+                Some(path) => Some(read_password(path)?),
+                None => None,
+            };
+            let backend = MysqlBackend::new(url, password, &db.table).map_err(Error::Database)?;
+            let result = serve_with(config, source, backend.clone()).await;
+            backend.disconnect().await;
+            result
         }
-    };
+    }
+}
+
+/// The first line of `database.password_file`.
+fn read_password(path: &std::path::Path) -> Result<String, Error> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+        context: format!("database.password_file {}", path.display()),
+        source,
+    })?;
+    Ok(text.lines().next().unwrap_or("").to_owned())
+}
+
+async fn serve_with<B: Backend>(
+    config: Config,
+    source: ConfigSource,
+    backend: B,
+) -> anyhow::Result<ExitCode> {
     let policy = Listener::bind(&config.listen)
         .await
         .map_err(|source| Error::Bind {

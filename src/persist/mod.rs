@@ -13,6 +13,7 @@
 //! came back. On shutdown the flusher writes what is left.
 
 pub mod memory;
+pub mod mysql;
 pub mod sqlite;
 
 use std::future::Future;
