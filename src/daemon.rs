@@ -290,8 +290,9 @@ impl<B: Backend> Reloader<B> {
         match self.backend.load_all().await {
             Ok(rows) => {
                 let n = rows.len();
+                let now = self.shared.clock.now();
                 for row in rows {
-                    store.merge_stored(row);
+                    store.merge_stored(row, now);
                 }
                 notes.push(format!("{n} quotas re-read from {}", self.backend.name()));
             }

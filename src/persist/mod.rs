@@ -270,8 +270,9 @@ impl<B: Backend> Flusher<B> {
         let cursor = self.backend.load_changed(None).await?.map(|(_, at)| at);
         let rows = self.backend.load_all().await?;
         let n = rows.len();
+        let now = self.clock.now();
         for row in rows {
-            self.store.merge_stored(row);
+            self.store.merge_stored(row, now);
         }
         self.loaded = true;
         self.cursor = cursor;
@@ -336,8 +337,9 @@ impl<B: Backend> Flusher<B> {
             match self.backend.load_changed(self.cursor).await {
                 Ok(Some((rows, at))) => {
                     let n = rows.len();
+                    let now = self.clock.now();
                     for row in rows {
-                        self.store.merge_stored(row);
+                        self.store.merge_stored(row, now);
                     }
                     self.cursor = Some(at);
                     Ok(n)

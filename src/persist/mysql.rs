@@ -311,7 +311,18 @@ mod tests {
         let sql = upsert_sql("ratelimit", 2, false, false);
         assert_eq!(sql.matches("(?, ?, ?, ?, ?, NOW())").count(), 2);
         let update = sql.split("ON DUPLICATE KEY UPDATE").nth(1).unwrap();
-        let pos = |col: &str| update.find(&format!("{col} =")).unwrap();
+        // Assignments are separated by ", "; the first follows "UPDATE ".
+        let pos = |col: &str| {
+            update
+                .find(&format!(", {col} ="))
+                .or_else(|| {
+                    update
+                        .trim_start()
+                        .starts_with(&format!("{col} ="))
+                        .then_some(0)
+                })
+                .unwrap_or_else(|| panic!("no assignment to {col}: {update}"))
+        };
         assert!(
             pos("used") < pos("quota")
                 && pos("quota") < pos("persist")

@@ -276,32 +276,39 @@ impl CounterStore {
     /// Merges a row read from the backend (initial load, refresh, reload).
     /// The database is the authority for `quota` and `persist` — except while
     /// an administrator's change made here waits to be written — and for
-    /// `used`, to which the usage not yet written from here is added:
+    /// `used`, to which the usage not yet written from here is added. Which
+    /// window counts is decided by what has finished at `now`:
     ///
     /// - key not in memory: the row is taken as it is;
-    /// - row of a newer window (another daemon rolled it over): taken as it
-    ///   is; usage pending here belonged to the finished window and is dropped;
-    /// - row of the same window: `used` = stored `used` + `pending` (the
-    ///   stored value includes what every daemon has flushed, ours too);
-    /// - row of an older window (ours has rolled, the row not yet): only a
-    ///   persistent quota is taken; the rest is ours to write.
-    pub fn merge_stored(&self, row: StoredRow) {
+    /// - same window: `used` = stored `used` + `pending` (the stored value
+    ///   includes what every daemon has flushed, ours too);
+    /// - the stored window is running and ours has finished (another daemon
+    ///   rolled over first): the row is taken; our pending usage belonged to
+    ///   the finished window;
+    /// - both running but ending at different times (counted while the
+    ///   database was away, or written with another period): the stored
+    ///   window is adopted, with our pending usage added, and our pending
+    ///   usage is written into it;
+    /// - the stored window has finished: ours is the current one and ours to
+    ///   write; only a persistent quota is taken from the row.
+    pub fn merge_stored(&self, row: StoredRow, now: i64) {
         let Some(mut c) = self.map.get_mut(row.key.as_str()) else {
             self.load(row);
             return;
         };
         let expiry = row.expiry.unwrap_or(0);
         let take_quota = !c.set_quota;
-        if expiry > c.expiry {
+        if expiry == c.expiry || (expiry > now && c.expiry > now) {
+            c.expiry = expiry;
+            if !c.reset_used {
+                c.used = row.used.saturating_add(c.pending);
+            }
+        } else if expiry > now {
             c.used = row.used;
             c.expiry = expiry;
             c.pending = 0;
             c.reset_used = false;
             c.refusal_reported = false;
-        } else if expiry == c.expiry {
-            if !c.reset_used {
-                c.used = row.used.saturating_add(c.pending);
-            }
         } else if !row.persist {
             return;
         }
@@ -523,35 +530,40 @@ mod tests {
             persist,
         };
         // Unknown key: taken as it is.
-        s.merge_stored(row("new", 5, 3, 100, false));
+        s.merge_stored(row("new", 5, 3, 100, false), 60);
         assert_eq!(s.get("new").map(|c| (c.quota, c.used)), Some((5, 3)));
         // Same window: stored used (everyone's flushed usage) + our pending.
         s.check_and_increment("same", 2, 10, &l);
-        s.merge_stored(row("same", 20, 7, 100, true));
+        s.merge_stored(row("same", 20, 7, 100, true), 60);
         let c = s.get("same").unwrap();
         assert_eq!((c.quota, c.used, c.pending, c.persist), (20, 9, 2, true));
-        // Newer window elsewhere: taken; our pending belonged to the old one.
-        s.merge_stored(row("same", 20, 1, 200, true));
+        // Both windows running, different ends (counted while the database
+        // was away): the stored window is adopted, our pending added.
+        s.merge_stored(row("same", 20, 1, 200, true), 10);
         let c = s.get("same").unwrap();
-        assert_eq!((c.used, c.expiry, c.pending), (1, 200, 0));
-        // Older stored window: only a persistent quota is taken.
+        assert_eq!((c.used, c.expiry, c.pending), (3, 200, 2));
+        // Our window finished, another daemon's running: taken as it is.
+        s.merge_stored(row("same", 20, 4, 300, true), 250);
+        let c = s.get("same").unwrap();
+        assert_eq!((c.used, c.expiry, c.pending), (4, 300, 0));
+        // Finished stored window: only a persistent quota is taken.
         s.check_and_increment("ours", 4, 10, &l);
-        s.merge_stored(row("ours", 99, 50, 50, false));
+        s.merge_stored(row("ours", 99, 50, 50, false), 60);
         assert_eq!(s.get("ours").map(|c| (c.quota, c.used)), Some((10, 4)));
-        s.merge_stored(row("ours", 99, 50, 50, true));
+        s.merge_stored(row("ours", 99, 50, 50, true), 60);
         assert_eq!(
             s.get("ours").map(|c| (c.quota, c.used, c.persist)),
             Some((99, 4, true))
         );
         // An admin change waiting to be written wins over the database.
         s.set_quota("ours", 7, false, 10, &l);
-        s.merge_stored(row("ours", 99, 1, 100, true));
+        s.merge_stored(row("ours", 99, 1, 100, true), 60);
         assert_eq!(
             s.get("ours").map(|c| (c.quota, c.persist, c.used)),
             Some((7, false, 5))
         );
         s.reset("ours");
-        s.merge_stored(row("ours", 99, 40, 100, true));
+        s.merge_stored(row("ours", 99, 40, 100, true), 60);
         assert_eq!(
             s.get("ours").unwrap().used,
             0,

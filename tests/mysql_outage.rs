@@ -1,0 +1,163 @@
+//! SPEC §6 outages on a private mariadbd the test starts, stops, freezes and
+//! restarts: nothing is lost, requests never wait.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use common::mysql::{PrivateServer, TestDb};
+use common::{start_with, Client, Req, T0};
+use ratelimit_policyd::clock::ManualClock;
+use ratelimit_policyd::persist::mysql::MysqlBackend;
+
+const KEY: &str = "load@example.com";
+const LIMITS: &str =
+    "[limits]\ndefault_quota = 1000000\ntimezone = \"UTC\"\n[database]\nflush_interval = \"1s\"\n";
+
+/// A client that keeps sending requests until told to stop; counts answers.
+fn spawn_load(
+    addr: std::net::SocketAddr,
+    stop: Arc<AtomicBool>,
+    answered: Arc<AtomicU64>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut c = Client::connect(addr).await;
+        let mut n = 0u64;
+        while !stop.load(Ordering::SeqCst) {
+            n += 1;
+            let a = c.ask(&Req::rcpt(KEY, &format!("i{n}"), "r@x")).await;
+            assert_eq!(a, "DUNNO");
+            answered.fetch_add(1, Ordering::SeqCst);
+            tokio::task::yield_now().await;
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_database_loses_nothing_under_load() {
+    let mut server = PrivateServer::start();
+    let db = TestDb::create(&server.admin_url(), "outage").await;
+    let backend = Arc::new(MysqlBackend::new(&db.url(), None, "ratelimit").unwrap());
+    let mut s = start_with(LIMITS, backend, ManualClock::new(T0)).await;
+    let (stop, answered) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let load = spawn_load(s.addr, Arc::clone(&stop), Arc::clone(&answered));
+
+    s.daemon().flush.flush().await.unwrap();
+    server.stop();
+    let during_outage = answered.load(Ordering::SeqCst);
+    assert!(
+        s.daemon().flush.flush().await.is_err(),
+        "the database is down"
+    );
+    // Requests go on while it is down (the load task asserts every answer).
+    let down_since = answered.load(Ordering::SeqCst);
+    server.resume_from_stopped();
+    assert!(
+        answered.load(Ordering::SeqCst) > down_since,
+        "requests were answered while the server was down and restarting"
+    );
+    stop.store(true, Ordering::SeqCst);
+    load.await.unwrap();
+    let total = answered.load(Ordering::SeqCst);
+    // The backlog drains: the next flush writes everything.
+    s.daemon().flush.flush().await.unwrap();
+    assert_eq!(
+        db.row(KEY).await.map(|r| u64::from(r.1)),
+        Some(total),
+        "zero counts lost"
+    );
+    println!(
+        "outage: {total} requests answered, {} of them after the server stopped",
+        total - during_outage
+    );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_database_does_not_hold_requests() {
+    let server = PrivateServer::start();
+    let db = TestDb::create(&server.admin_url(), "frozen").await;
+    let backend = Arc::new(MysqlBackend::new(&db.url(), None, "ratelimit").unwrap());
+    let mut s = start_with(LIMITS, backend, ManualClock::new(T0)).await;
+    let mut c = s.client().await;
+    c.ask(&Req::rcpt(KEY, "warm", "r@x")).await;
+    s.daemon().flush.flush().await.unwrap();
+
+    server.freeze();
+    c.ask(&Req::rcpt(KEY, "before", "r@x")).await;
+    // A flush now hangs on the frozen server (until its timeout)...
+    let flush = s.daemon().flush.clone();
+    let stuck = tokio::spawn(async move { flush.flush().await });
+    // ...while requests are answered.
+    let mut latencies = Vec::new();
+    for n in 0..500 {
+        let started = Instant::now();
+        assert_eq!(
+            c.ask(&Req::rcpt(KEY, &format!("f{n}"), "r@x")).await,
+            "DUNNO"
+        );
+        latencies.push(started.elapsed());
+    }
+    assert!(
+        !stuck.is_finished(),
+        "the flush was still waiting on the frozen database all along"
+    );
+    latencies.sort();
+    println!(
+        "frozen database: 500 requests answered, p50 {:?}, p99 {:?}, max {:?}",
+        latencies[250], latencies[495], latencies[499]
+    );
+    server.thaw();
+    let _ = stuck.await.unwrap(); // done or timed out; either way nothing is lost
+    s.daemon().flush.flush().await.unwrap();
+    assert_eq!(
+        db.row(KEY).await.map(|r| r.1),
+        Some(502),
+        "the backlog drained"
+    );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_started_while_the_database_is_down_serves_and_loads_later() {
+    let mut server = PrivateServer::start();
+    let db = TestDb::create(&server.admin_url(), "late").await;
+    db.exec(&format!(
+        "INSERT INTO ratelimit (sender, quota, used, expiry, persist) VALUES ('busy@example.com', 3, 3, {}, 1)",
+        T0 + 3600
+    ))
+    .await;
+    server.stop();
+    let backend = Arc::new(MysqlBackend::new(&db.url(), None, "ratelimit").unwrap());
+    let mut s = start_with(
+        "[limits]\ndefault_quota = 5\ntimezone = \"UTC\"\n",
+        backend,
+        ManualClock::new(T0),
+    )
+    .await;
+    let mut c = s.client().await;
+    // Not loaded yet: the sender starts from 0 with the default quota.
+    assert_eq!(
+        c.ask(&Req::rcpt("busy@example.com", "i", "a@x")).await,
+        "DUNNO"
+    );
+    assert!(s.daemon().flush.refresh().await.is_err());
+    server.resume_from_stopped();
+    // The first refresh that works loads every row and merges what was counted meanwhile.
+    assert_eq!(s.daemon().flush.refresh().await, Ok(1));
+    let refused = c.ask(&Req::rcpt("busy@example.com", "i", "b@x")).await;
+    assert!(
+        refused.contains("(5/3)"),
+        "3 stored + 1 counted while down + this one: {refused}"
+    );
+    s.stop().await;
+    assert_eq!(
+        db.row("busy@example.com").await.map(|r| (r.0, r.1)),
+        Some((3, 5))
+    );
+}
