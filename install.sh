@@ -161,5 +161,5 @@ ratelimit-policyd is installed. Next steps:
      then: postfix reload
   4. Watch it:  $SBINDIR/$NAME status --config $CONFIG
   MySQL/MariaDB instead of SQLite: create the table from $DOCDIR/schema.sql
-  (when your version ships it) and set database.url in $CONFIG.
+  (mysql policyd < $DOCDIR/schema.sql) and set database.url in $CONFIG.
 MSG
