@@ -236,3 +236,63 @@ async fn load_and_flush_times_for_100k_rows() {
         "mysql 100k rows: flush (insert) {insert:?}, flush (update) {update:?}, load {load:?}"
     );
 }
+
+/// The built binary on MySQL, with the password in `database.password_file`:
+/// counts survive SIGTERM and a restart enforces them.
+#[tokio::test]
+async fn the_binary_runs_on_mysql_with_a_password_file() {
+    use common::binary::{spawn, write_config};
+    let db = TestDb::create(&admin_url(), "bin").await;
+    let user = db.name.clone(); // dropped with the database (see TestDb)
+    db.exec(&format!(
+        "CREATE USER IF NOT EXISTS '{user}'@'127.0.0.1' IDENTIFIED BY 's3cret'"
+    ))
+    .await;
+    db.exec(&format!(
+        "GRANT SELECT, INSERT, UPDATE, DELETE ON {}.* TO '{user}'@'127.0.0.1'",
+        db.name
+    ))
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "", "");
+    std::fs::write(dir.path().join("db-password"), "s3cret\n").unwrap();
+    let toml = std::fs::read_to_string(&config).unwrap();
+    let sqlite_line = toml
+        .lines()
+        .find(|l| l.starts_with("url = "))
+        .unwrap()
+        .to_string();
+    let host = admin_url()
+        .split_once('@')
+        .unwrap()
+        .1
+        .split_once('/')
+        .unwrap()
+        .0
+        .to_string();
+    let mysql = format!(
+        "url = \"mysql://{user}@{host}/{}\"\npassword_file = \"{}\"",
+        db.name,
+        dir.path().join("db-password").display()
+    );
+    std::fs::write(&config, toml.replace(&sqlite_line, &mysql)).unwrap();
+
+    let d = spawn(&config, &[]);
+    let mut c = common::Client::connect(d.addr).await;
+    for n in 0..4 {
+        c.ask(&Req::rcpt("bin@example.com", "i", &format!("{n}@x")))
+            .await;
+    }
+    assert_eq!(d.terminate(), 0);
+    assert_eq!(
+        db.row("bin@example.com").await.map(|r| (r.0, r.1)),
+        Some((3, 4))
+    );
+    let d = spawn(&config, &[]);
+    let mut c = common::Client::connect(d.addr).await;
+    assert!(is_deferred(
+        &c.ask(&Req::rcpt("bin@example.com", "j", "a@x")).await
+    ));
+    assert_eq!(d.terminate(), 0);
+    // TestDb's Drop removes the database and the login named after it.
+}

@@ -109,6 +109,10 @@ impl Drop for TestDb {
                     let _ = conn
                         .query_drop(format!("DROP DATABASE IF EXISTS {name}"))
                         .await;
+                    // A test may have made a login named after its database.
+                    let _ = conn
+                        .query_drop(format!("DROP USER IF EXISTS '{name}'@'127.0.0.1'"))
+                        .await;
                 }
                 let _ = pool.disconnect().await;
             });
