@@ -146,7 +146,11 @@ impl PrivateServer {
     /// Creates a data directory and starts the server.
     pub fn start() -> PrivateServer {
         let dir = tempfile::tempdir().unwrap();
+        // Each server gets its own temp dir: concurrent bootstraps sharing
+        // /tmp remove each other's temporary tables.
+        std::fs::create_dir(dir.path().join("tmp")).unwrap();
         let out = Command::new("mariadb-install-db")
+            .env("TMPDIR", dir.path().join("tmp"))
             .arg("--no-defaults")
             .arg(format!("--datadir={}", dir.path().join("data").display()))
             .args([
@@ -158,8 +162,9 @@ impl PrivateServer {
             .expect("mariadb-install-db (package mariadb-server)");
         assert!(
             out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stdout)
+            "mariadb-install-db failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
         );
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -185,6 +190,7 @@ impl PrivateServer {
         assert!(self.child.is_none(), "already running");
         let d = self.dir.path();
         let mut child = Command::new("mariadbd")
+            .env("TMPDIR", d.join("tmp"))
             .arg("--no-defaults")
             .arg(format!("--datadir={}", d.join("data").display()))
             .arg(format!("--socket={}", d.join("mysqld.sock").display()))
