@@ -115,6 +115,16 @@ impl Daemon {
     }
 }
 
+impl Drop for Daemon {
+    /// A test that fails before `terminate` must not leave its daemon running.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// Runs the binary with `args` and `--config config`.
 pub fn cli(config: &Path, args: &[&str]) -> Output {
     Command::new(BIN)
