@@ -454,7 +454,7 @@ fn header(ctx: &ControlContext, calendar: &Calendar) -> StatusHeader {
         uptime_secs: stats.started.elapsed().as_secs(),
         connections_open: Stats::get(&stats.connections_open),
         connections_total: Stats::get(&stats.connections_total),
-        requests: Stats::get(&stats.requests),
+        requests: stats.requests(),
         decisions: DecisionKind::ALL
             .iter()
             .map(|k| (k.as_str().to_string(), stats.decisions(*k)))

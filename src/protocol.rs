@@ -130,12 +130,40 @@ impl PolicyRequest<'_> {
     }
 }
 
+/// The attributes the daemon uses, in the order of [`PolicyRequest`]'s fields.
+const USED: [&str; 13] = [
+    "request",
+    "protocol_state",
+    "sasl_username",
+    "sasl_method",
+    "client_name",
+    "client_address",
+    "queue_id",
+    "sender",
+    "recipient",
+    "recipient_count",
+    "instance",
+    "policy_context",
+    "size",
+];
+
+/// Which of [`USED`] a name is, if any. Most names Postfix sends are unused;
+/// comparing lengths first rules almost all of them out cheaply.
+fn used_index(name: &[u8]) -> Option<usize> {
+    USED.iter()
+        .position(|u| u.len() == name.len() && u.as_bytes() == name)
+}
+
 /// Incremental request framer. Keep one per connection.
 ///
 /// Call [`Parser::parse`] with the unconsumed bytes, which always start at the
 /// beginning of the current request. It returns `Ok(None)` until a whole
 /// request is there, then the request and the number of bytes it took; the
 /// caller then passes the bytes after those.
+///
+/// One pass: while framing lines it notes where the values it will need lie
+/// (offsets into the current request, which stay valid because the caller
+/// only appends to the buffer until the request is complete).
 #[derive(Debug, Clone, Default)]
 pub struct Parser {
     bounds: Bounds,
@@ -143,6 +171,9 @@ pub struct Parser {
     scanned: usize,
     /// Attribute lines seen in the current request.
     attributes: usize,
+    /// Where each of [`USED`] has its value in the current request
+    /// (start, end); `None` while not seen. A repeated name overwrites.
+    values: [Option<(u32, u32)>; USED.len()],
 }
 
 impl Parser {
@@ -150,8 +181,7 @@ impl Parser {
     pub fn new(bounds: Bounds) -> Self {
         Parser {
             bounds,
-            scanned: 0,
-            attributes: 0,
+            ..Parser::default()
         }
     }
 
@@ -205,10 +235,11 @@ impl Parser {
                 });
             }
             if line.is_empty() {
-                let request = build_request(&buf[..pos])?;
+                let request = self.build(buf);
                 self.scanned = 0;
                 self.attributes = 0;
-                return Ok(Some((request, end)));
+                self.values = Default::default();
+                return request.map(|r| Some((r, end)));
             }
             self.attributes += 1;
             if self.attributes > b.max_attributes {
@@ -216,13 +247,45 @@ impl Parser {
                     limit: b.max_attributes,
                 });
             }
-            if memchr::memchr(b'=', line).is_none() {
+            let Some(eq) = memchr::memchr(b'=', line) else {
                 return Err(ProtocolError::MissingEquals {
                     line: self.attributes,
                 });
+            };
+            if let Some(i) = used_index(&line[..eq]) {
+                // Offsets fit in u32: a request is at most max_request_len bytes.
+                self.values[i] = Some(((pos + eq + 1) as u32, (pos + line.len()) as u32));
             }
             pos = end;
         }
+    }
+
+    /// The request from the noted value ranges; checks their UTF-8.
+    fn build<'b>(&self, buf: &'b [u8]) -> Result<PolicyRequest<'b>, ProtocolError> {
+        let mut v: [&'b str; USED.len()] = [""; USED.len()];
+        for (i, range) in self.values.iter().enumerate() {
+            if let Some((start, end)) = *range {
+                v[i] = std::str::from_utf8(&buf[start as usize..end as usize])
+                    .map_err(|_| ProtocolError::InvalidUtf8 { name: USED[i] })?;
+            }
+        }
+        let [request, protocol_state, sasl_username, sasl_method, client_name, client_address, queue_id, sender, recipient, recipient_count, instance, policy_context, size] =
+            v;
+        Ok(PolicyRequest {
+            request,
+            protocol_state,
+            sasl_username,
+            sasl_method,
+            client_name,
+            client_address,
+            queue_id,
+            sender,
+            recipient,
+            recipient_count,
+            instance,
+            policy_context,
+            size,
+        })
     }
 }
 
@@ -231,36 +294,6 @@ fn strip_cr(line: &[u8]) -> &[u8] {
         Some((b'\r', head)) => head,
         _ => line,
     }
-}
-
-/// Picks the attributes we use out of the already validated lines of one request.
-fn build_request(lines: &[u8]) -> Result<PolicyRequest<'_>, ProtocolError> {
-    let mut req = PolicyRequest::default();
-    for raw in lines.split(|&c| c == b'\n') {
-        let line = strip_cr(raw);
-        let Some(eq) = memchr::memchr(b'=', line) else {
-            continue; // only the empty tail after the last LF
-        };
-        let (name, value) = (&line[..eq], &line[eq + 1..]);
-        let (slot, name): (&mut &str, &'static str) = match name {
-            b"request" => (&mut req.request, "request"),
-            b"protocol_state" => (&mut req.protocol_state, "protocol_state"),
-            b"sasl_username" => (&mut req.sasl_username, "sasl_username"),
-            b"sasl_method" => (&mut req.sasl_method, "sasl_method"),
-            b"client_name" => (&mut req.client_name, "client_name"),
-            b"client_address" => (&mut req.client_address, "client_address"),
-            b"queue_id" => (&mut req.queue_id, "queue_id"),
-            b"sender" => (&mut req.sender, "sender"),
-            b"recipient" => (&mut req.recipient, "recipient"),
-            b"recipient_count" => (&mut req.recipient_count, "recipient_count"),
-            b"instance" => (&mut req.instance, "instance"),
-            b"policy_context" => (&mut req.policy_context, "policy_context"),
-            b"size" => (&mut req.size, "size"),
-            _ => continue,
-        };
-        *slot = std::str::from_utf8(value).map_err(|_| ProtocolError::InvalidUtf8 { name })?;
-    }
-    Ok(req)
 }
 
 /// Appends the reply `action=<action>\n\n` to `out`.
@@ -427,6 +460,25 @@ mod tests {
             parse_all(b"request=x\ngarbage\n\n"),
             Err(ProtocolError::MissingEquals { line: 2 })
         );
+    }
+
+    #[test]
+    fn every_used_name_is_recognised_and_others_are_not() {
+        for name in USED {
+            assert!(used_index(name.as_bytes()).is_some(), "{name}");
+        }
+        for name in [
+            "protocol_name",
+            "client_port",
+            "helo_name",
+            "sasl_sender",
+            "ccert_subject",
+            "stress",
+            "x",
+            "",
+        ] {
+            assert_eq!(used_index(name.as_bytes()), None, "{name}");
+        }
     }
 
     #[test]

@@ -20,7 +20,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::time::{timeout_at, Instant};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
@@ -83,7 +83,14 @@ where
     let mut buf: Vec<u8> = Vec::with_capacity(INITIAL_BUFFER);
     let mut out: Vec<u8> = Vec::with_capacity(256);
     let idle_timeout = || shared.settings.load().idle_timeout;
+    // One timer and one cancellation waiter per connection, not per read:
+    // answering a request only moves `deadline`; the timer checks it when it
+    // fires and re-arms itself if the connection was busy meanwhile.
     let mut deadline = Instant::now() + idle_timeout();
+    let idle = tokio::time::sleep_until(deadline);
+    tokio::pin!(idle);
+    let cancelled = shutdown.cancelled();
+    tokio::pin!(cancelled);
     loop {
         let mut start = 0;
         while let Some((req, len)) = parser.parse(&buf[start..])? {
@@ -108,13 +115,19 @@ where
             buf.reserve(buf.len().max(INITIAL_BUFFER));
         }
         let read = tokio::select! {
-            r = timeout_at(deadline, stream.read_buf(&mut buf)) => r,
-            () = shutdown.cancelled() => return Ok(()),
+            r = stream.read_buf(&mut buf) => r,
+            () = &mut idle => {
+                if Instant::now() >= deadline {
+                    return Err(ConnectionError::IdleTimeout);
+                }
+                idle.as_mut().reset(deadline);
+                continue;
+            }
+            () = &mut cancelled => continue, // answered above, then closed
         };
         match read {
-            Err(_elapsed) => return Err(ConnectionError::IdleTimeout),
-            Ok(Err(e)) => return Err(e.into()),
-            Ok(Ok(0)) => {
+            Err(e) => return Err(e.into()),
+            Ok(0) => {
                 if !buf.is_empty() {
                     log::debug!(
                         "partial request of {} bytes dropped at end of connection",
@@ -123,7 +136,7 @@ where
                 }
                 return Ok(());
             }
-            Ok(Ok(_)) => {}
+            Ok(_) => {}
         }
     }
 }
