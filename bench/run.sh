@@ -122,7 +122,7 @@ echo
 echo "## Flushing 100k changed rows under load (SQLite, 1M cached senders)"
 echo
 daemon 1000000 3600s
-"$B/ratelimit-loadgen" run --target "127.0.0.1:$PORT" -c 64 -u 100000 --duration 4 --warmup 0 --json > /dev/null
+"$B/ratelimit-loadgen" run --target "127.0.0.1:$PORT" -c 64 -u 100000 --duration 8 --warmup 0 --json > /dev/null
 pending=$("$B/ratelimit-policyd" status --config "$DIR/c.toml" --json --top 0 | python3 -c 'import json,sys; print(json.load(sys.stdin)["header"]["pending_rows"])')
 quiet=$(load "$PORT" 64 100000)
 "$B/ratelimit-loadgen" run --target "127.0.0.1:$PORT" -c 64 -u 100000 --duration 4 --warmup 0 --json > "$WORK/during.json" &
