@@ -103,6 +103,13 @@ fn run_daemon(
     config: Config,
     source: ConfigSource,
 ) -> anyhow::Result<ExitCode> {
+    // A file that reaches RLIMIT_FSIZE (a full quota, a small limit) must make
+    // the write fail with EFBIG, which the flusher retries without losing
+    // counts, instead of killing the daemon (SIGXFSZ's default action).
+    // SAFETY: setting a signal to SIG_IGN before any thread is started.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
     let outputs = Outputs {
         // Under systemd with syslog on, stderr would log every line twice.
         stderr: !(overrides.quiet

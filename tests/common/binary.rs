@@ -56,7 +56,34 @@ pub fn spawn(config: &Path, args: &[&str]) -> Daemon {
 
 /// [`spawn`] with extra environment variables.
 pub fn spawn_env(config: &Path, args: &[&str], env: &[(&str, &str)]) -> Daemon {
-    let mut child = Command::new(BIN)
+    spawn_limited(config, args, env, None)
+}
+
+/// [`spawn_env`] with RLIMIT_FSIZE set to `max_file_bytes` in the daemon.
+pub fn spawn_limited(
+    config: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+    max_file_bytes: Option<u64>,
+) -> Daemon {
+    use std::os::unix::process::CommandExt;
+    let mut command = Command::new(BIN);
+    if let Some(limit) = max_file_bytes {
+        // SAFETY: only setrlimit(2), async-signal-safe, between fork and exec.
+        unsafe {
+            command.pre_exec(move || {
+                let rl = libc::rlimit {
+                    rlim_cur: limit,
+                    rlim_max: libc::RLIM_INFINITY,
+                };
+                if libc::setrlimit(libc::RLIMIT_FSIZE, &rl) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    let mut child = command
         .args(["run", "--config"])
         .arg(config)
         .args(args)
