@@ -14,7 +14,7 @@ use ratelimit_policyd::persist::mysql::MysqlBackend;
 
 const KEY: &str = "load@example.com";
 const LIMITS: &str =
-    "[limits]\ndefault_quota = 1000000\ntimezone = \"UTC\"\n[database]\nflush_interval = \"1s\"\n";
+    "[limits]\ndefault_quota = 4000000000\ntimezone = \"UTC\"\n[database]\nflush_interval = \"1s\"\n";
 
 /// A client that keeps sending requests until told to stop; counts answers.
 fn spawn_load(
@@ -55,7 +55,14 @@ async fn a_stopped_database_loses_nothing_under_load() {
         "the database is down"
     );
     // Requests go on while it is down (the load task asserts every answer).
+    // OUTAGE_SECONDS keeps it down longer under load (.ci/run: a minute).
+    let outage: u64 = std::env::var("OUTAGE_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    tokio::time::sleep(std::time::Duration::from_secs(outage)).await;
     let down_since = answered.load(Ordering::SeqCst);
+    assert!(s.daemon().flush.flush().await.is_err(), "still down");
     server.resume_from_stopped();
     assert!(
         answered.load(Ordering::SeqCst) > down_since,
@@ -72,7 +79,7 @@ async fn a_stopped_database_loses_nothing_under_load() {
         "zero counts lost"
     );
     println!(
-        "outage: {total} requests answered, {} of them after the server stopped",
+        "outage: {outage} s of extra down time; {total} requests answered, {} of them after the server stopped; none lost",
         total - during_outage
     );
     s.stop().await;
@@ -160,4 +167,69 @@ async fn a_daemon_started_while_the_database_is_down_serves_and_loads_later() {
         db.row("busy@example.com").await.map(|r| (r.0, r.1)),
         Some((3, 5))
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_refusing_new_connections_is_waited_out() {
+    use mysql_async::prelude::Queryable;
+    let server = PrivateServer::start();
+    let db = TestDb::create(&server.admin_url(), "full").await;
+    let admin = mysql_async::Pool::new(server.admin_url().as_str());
+    // An ordinary login, as the daemon has in production: administrators
+    // (CONNECTION ADMIN) are exempt from max_connections.
+    let mut a = admin.get_conn().await.unwrap();
+    a.query_drop("CREATE USER 'policyd'@'127.0.0.1' IDENTIFIED BY 'pw'")
+        .await
+        .unwrap();
+    let grant = format!(
+        "GRANT SELECT, INSERT, UPDATE, DELETE ON {}.* TO 'policyd'@'127.0.0.1'",
+        db.name
+    );
+    a.query_drop(grant).await.unwrap();
+    a.query_drop("SET GLOBAL max_connections = 4")
+        .await
+        .unwrap();
+    drop(a);
+    let url = format!("mysql://policyd:pw@127.0.0.1:{}/{}", server.port, db.name);
+    // Take every connection the server will give.
+    let mut held = Vec::new();
+    let mut refused = None;
+    for _ in 0..10 {
+        match mysql_async::Conn::new(mysql_async::Opts::from_url(&url).unwrap()).await {
+            Ok(c) => held.push(c),
+            Err(e) => {
+                refused = Some(e.to_string());
+                break;
+            }
+        }
+    }
+    let refused = refused.expect("the server kept accepting");
+    assert!(
+        refused.contains("1040") || refused.to_lowercase().contains("too many"),
+        "{refused}"
+    );
+    // The daemon starts anyway, answers, and cannot flush.
+    let backend = Arc::new(MysqlBackend::new(&url, None, "ratelimit").unwrap());
+    let mut s = start_with(LIMITS, backend, ManualClock::new(T0)).await;
+    let mut c = s.client().await;
+    for n in 0..50 {
+        assert_eq!(
+            c.ask(&Req::rcpt(KEY, &format!("i{n}"), "r@x")).await,
+            "DUNNO"
+        );
+    }
+    let err = s.daemon().flush.flush().await.unwrap_err().to_string();
+    assert!(
+        err.contains("1040") || err.to_lowercase().contains("too many"),
+        "{err}"
+    );
+    // Connections free up: the start-up load happens and the backlog is written.
+    for conn in held {
+        let _ = conn.disconnect().await;
+    }
+    s.daemon().flush.refresh().await.unwrap();
+    s.daemon().flush.flush().await.unwrap();
+    assert_eq!(db.row(KEY).await.map(|r| r.1), Some(50));
+    s.stop().await;
+    admin.disconnect().await.unwrap();
 }
