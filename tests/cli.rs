@@ -203,3 +203,17 @@ fn the_example_configuration_is_valid() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn a_missing_database_directory_stops_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "", "");
+    let out = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&config)
+        .args(["--database-url", "sqlite:///nonexistent-dir/ratelimit.db"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(69));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent-dir/ratelimit.db"));
+}

@@ -158,3 +158,70 @@ async fn a_crash_loses_at_most_the_counts_since_the_last_flush() {
         saved + at_risk - stored
     );
 }
+
+/// The database's filesystem is read-only when the daemon starts: it serves
+/// anyway, and once the filesystem is writable again nothing is lost. Needs
+/// root (it mounts a small tmpfs).
+#[tokio::test]
+async fn a_read_only_filesystem_at_start_is_served_through() {
+    // SAFETY: geteuid(2) has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        println!("skipped: mounting a tmpfs needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let mount = |args: &[&str]| {
+        let out = std::process::Command::new("mount")
+            .args(args)
+            .arg(&mnt)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mount {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    mount(&["-t", "tmpfs", "-o", "size=16m", "tmpfs"]);
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _unmount = Unmount(mnt.clone());
+    let config = write_config(dir.path(), "default_quota = 1000000", "level = \"notice\"");
+    let toml = std::fs::read_to_string(&config).unwrap();
+    let db = mnt.join("r.db");
+    let toml = toml.replace(
+        &format!("sqlite://{}/ratelimit.db", dir.path().display()),
+        &format!("sqlite://{}", db.display()),
+    );
+    std::fs::write(&config, toml).unwrap();
+
+    // A first run stores some counts.
+    let d = spawn(&config, &[]);
+    let mut c = Client::connect(d.addr).await;
+    let before = send(&mut c, 10, 1, "a").await;
+    assert_eq!(d.terminate(), 0);
+    assert_eq!(total_used(&db), before);
+
+    // The filesystem goes read-only; the daemon starts and answers anyway.
+    mount(&["-o", "remount,ro"]);
+    let d = spawn(&config, &[]);
+    let mut c = Client::connect(d.addr).await;
+    let during = send(&mut c, 10, 2, "b").await;
+    let out = cli(&config, &["flush"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    // Writable again: the next flush writes everything counted meanwhile.
+    mount(&["-o", "remount,rw"]);
+    let out = cli(&config, &["flush"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(d.terminate(), 0);
+    assert_eq!(total_used(&db), before + during, "nothing lost");
+}

@@ -35,20 +35,39 @@ struct Inner {
 }
 
 impl SqliteBackend {
-    /// Opens (creating if needed) the database at `path` and its table.
+    /// Opens (creating if needed) the database at `path` and its table. A
+    /// file that cannot be used *now* (read-only or full filesystem, locked)
+    /// is not an error: the backend is returned without a connection and
+    /// connects at its first use that works.
     ///
     /// # Errors
     ///
-    /// [`BackendError::Fatal`] for a file that is not a usable database,
-    /// [`BackendError::Unavailable`] for one that cannot be opened now.
+    /// [`BackendError::Fatal`] for a file that is not a usable database;
+    /// [`BackendError::Unavailable`] when its directory does not exist.
     pub fn open(path: &Path, table: &str) -> Result<Self, BackendError> {
         let inner = Inner {
             path: path.to_owned(),
             table: table.to_owned(),
             conn: Mutex::new(None),
         };
-        let conn = inner.connect()?;
-        *inner.conn.lock() = Some(conn);
+        match inner.connect() {
+            Ok(conn) => *inner.conn.lock() = Some(conn),
+            // A directory that does not exist is a mistake to report now.
+            Err(e)
+                if !path
+                    .parent()
+                    .is_none_or(|d| d.as_os_str().is_empty() || d.is_dir()) =>
+            {
+                return Err(e)
+            }
+            // A file that cannot be written now (read-only or full filesystem,
+            // locked) may be writable later: serve from memory meanwhile; the
+            // first refresh that can open it loads it.
+            Err(BackendError::Unavailable(e)) => {
+                log::error!("{e}; serving from memory and retrying");
+            }
+            Err(e) => return Err(e),
+        }
         Ok(SqliteBackend {
             inner: Arc::new(inner),
         })
