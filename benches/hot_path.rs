@@ -3,16 +3,13 @@
 //!
 //! `cargo bench --bench hot_path`; results and the machine in BENCHMARKS.md.
 
-use std::collections::HashSet;
 use std::num::NonZeroU32;
 
 use chrono::Weekday;
 use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion};
 
-use ratelimit_policyd::config::DEFAULT_OVER_QUOTA_ACTION;
-use ratelimit_policyd::policy::{
-    evaluate, ActionTemplate, ConnectionMemory, CountMode, KeyType, Policy, Stage,
-};
+use ratelimit_policyd::config::Config;
+use ratelimit_policyd::policy::{evaluate, ConnectionMemory, Policy};
 use ratelimit_policyd::protocol::Parser;
 use ratelimit_policyd::store::{Calendar, CounterStore, Limit, Period, Rules};
 
@@ -35,26 +32,11 @@ fn request(user: u64, seq: u64) -> Vec<u8> {
     .into_bytes()
 }
 
+/// The policy as the daemon builds it from its configuration.
 fn policy() -> Policy {
-    Policy {
-        key_type: KeyType::Email,
-        count: CountMode::Recipients,
-        charge_stage: Stage::Rcpt,
-        limit: Limit {
-            calendar: Calendar {
-                period: Period::Daily,
-                tz: "Europe/Zurich".parse().unwrap(),
-                week_start: Weekday::Mon,
-            },
-            rules: Rules {
-                default_quota: u32::MAX,
-                count_rejected: true,
-            },
-        },
-        over_quota_action: ActionTemplate::parse(DEFAULT_OVER_QUOTA_ACTION).unwrap(),
-        unauthenticated_action: "DUNNO".into(),
-        exempt: HashSet::new(),
-    }
+    Config::from_toml_str("[limits]\ndefault_quota = 4294967295\ntimezone = \"Europe/Zurich\"\n")
+        .unwrap()
+        .policy
 }
 
 fn parse(c: &mut Criterion) {
