@@ -44,6 +44,8 @@ file = "{dir}/ratelimit-policyd.log"
 
 pub struct Daemon {
     pub child: Child,
+    /// The daemon's pid: the child's, or with a wrapper its child's.
+    pub pid: i32,
     pub addr: std::net::SocketAddr,
     /// The daemon's stderr, line by line.
     lines: mpsc::Receiver<String>,
@@ -66,54 +68,117 @@ pub fn spawn_limited(
     env: &[(&str, &str)],
     max_file_bytes: Option<u64>,
 ) -> Daemon {
-    use std::os::unix::process::CommandExt;
-    let mut command = Command::new(BIN);
-    if let Some(limit) = max_file_bytes {
-        // SAFETY: only setrlimit(2), async-signal-safe, between fork and exec.
-        unsafe {
-            command.pre_exec(move || {
-                let rl = libc::rlimit {
-                    rlim_cur: limit,
-                    rlim_max: libc::RLIM_INFINITY,
-                };
-                if libc::setrlimit(libc::RLIMIT_FSIZE, &rl) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+    Spawn {
+        args,
+        env,
+        max_file_bytes,
+        ..Spawn::default()
     }
-    let mut child = command
-        .args(["run", "--config"])
-        .arg(config)
-        .args(args)
-        .envs(env.iter().copied())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, lines) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
+    .start(config)
+}
+
+/// The pid of the one child of `wrapper` (the daemon it runs).
+fn wrapped_pid(wrapper: i32) -> i32 {
+    for _ in 0..1000 {
+        let children = std::fs::read_to_string(format!("/proc/{wrapper}/task/{wrapper}/children"))
+            .unwrap_or_default();
+        if let Some(pid) = children.split_whitespace().next() {
+            return pid.parse().unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("the wrapper {wrapper} started no daemon");
+}
+
+/// How to start the binary, for the tests that need more than [`spawn`].
+#[derive(Default)]
+pub struct Spawn<'a> {
+    /// Arguments after `run --config PATH`.
+    pub args: &'a [&'a str],
+    /// Extra environment variables.
+    pub env: &'a [(&'a str, &'a str)],
+    /// RLIMIT_FSIZE in the daemon.
+    pub max_file_bytes: Option<u64>,
+    /// A command the daemon runs under (e.g. `strace -f -o FILE`).
+    pub wrapper: &'a [&'a str],
+    /// The stderr line that says it is up; "listening on " when empty.
+    pub ready: &'a str,
+}
+
+impl Spawn<'_> {
+    /// Starts the daemon and waits for its `ready` line; `addr` is set once
+    /// the "listening on" line was seen.
+    pub fn start(self, config: &Path) -> Daemon {
+        use std::os::unix::process::CommandExt;
+        let mut command = match self.wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        if let Some(limit) = self.max_file_bytes {
+            // SAFETY: only setrlimit(2), async-signal-safe, between fork and exec.
+            unsafe {
+                command.pre_exec(move || {
+                    let rl = libc::rlimit {
+                        rlim_cur: limit,
+                        rlim_max: libc::RLIM_INFINITY,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_FSIZE, &rl) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
             }
         }
-    });
-    let mut d = Daemon {
-        child,
-        addr: "0.0.0.0:0".parse().unwrap(),
-        lines,
-    };
-    let line = d.wait_for("listening on ");
-    let rest = line.split("listening on ").nth(1).unwrap();
-    d.addr = rest.split_whitespace().next().unwrap().parse().unwrap();
-    d
+        let mut child = command
+            .args(["run", "--config"])
+            .arg(config)
+            .args(self.args)
+            .envs(self.env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let pid = child.id() as i32;
+        let mut d = Daemon {
+            child,
+            pid,
+            addr: "0.0.0.0:0".parse().unwrap(),
+            lines,
+        };
+        if !self.wrapper.is_empty() {
+            d.pid = wrapped_pid(pid);
+        }
+        if self.ready.is_empty() {
+            d.wait_listening();
+        } else {
+            d.wait_for(self.ready);
+        }
+        d
+    }
 }
 
 impl Daemon {
+    /// Waits for the "listening on ADDR" line and notes the address.
+    pub fn wait_listening(&mut self) {
+        let line = self.wait_for("listening on ");
+        let rest = line.split("listening on ").nth(1).unwrap();
+        self.addr = rest.split_whitespace().next().unwrap().parse().unwrap();
+    }
+
     /// Waits (at most 30 s) for a stderr line containing `needle`.
     pub fn wait_for(&mut self, needle: &str) -> String {
         loop {
@@ -126,19 +191,26 @@ impl Daemon {
     }
 
     pub fn signal(&self, sig: i32) {
-        // SAFETY: plain kill(2) on our own child's pid.
-        let rc = unsafe { libc::kill(self.child.id() as i32, sig) };
+        // SAFETY: plain kill(2) on our own child (or its child).
+        let rc = unsafe { libc::kill(self.pid, sig) };
         assert_eq!(rc, 0);
     }
 
     /// SIGTERM, then the exit code.
+    /// A daemon that has not exited 60 s after SIGTERM fails the test.
     pub fn terminate(mut self) -> i32 {
         self.signal(libc::SIGTERM);
-        self.child
-            .wait()
-            .unwrap()
-            .code()
-            .expect("exited, not killed")
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code().expect("exited, not killed");
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the daemon did not exit within 60 s of SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 }
 
@@ -146,6 +218,8 @@ impl Drop for Daemon {
     /// A test that fails before `terminate` must not leave its daemon running.
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
+            // SAFETY: kill(2) on our own child (or its child, under a wrapper).
+            unsafe { libc::kill(self.pid, libc::SIGKILL) };
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
@@ -179,4 +253,45 @@ pub fn db_row(db: &Path, sender: &str) -> (u32, u32, bool) {
         |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
     )
     .unwrap()
+}
+
+/// [`cli`], but gives up (killing it) after `secs` seconds: `None` then.
+pub fn cli_within(config: &Path, args: &[&str], secs: u64) -> Option<Output> {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return Some(child.wait_with_output().unwrap());
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Points a configuration written by [`write_config`] at `url` (MySQL).
+pub fn use_database(config: &Path, url: &str) {
+    let toml = std::fs::read_to_string(config).unwrap();
+    let toml = toml
+        .lines()
+        .map(|l| {
+            if l.starts_with("url = ") {
+                format!("url = \"{url}\"")
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(config, toml + "\n").unwrap();
 }
