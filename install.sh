@@ -100,9 +100,9 @@ subst() {
 install -d -m 0755 "$DESTDIR$SBINDIR" "$DESTDIR$DOCDIR" "$DESTDIR$CONFDIR" "$DESTDIR$LOGROTATEDIR"
 install -m 0755 "$BINARY" "$DESTDIR$SBINDIR/$NAME"
 install -m 0644 "$SRC/README.md" "$DESTDIR$DOCDIR/"
-if [ -f "$SRC/schema.sql" ]; then
-    install -m 0644 "$SRC/schema.sql" "$DESTDIR$DOCDIR/"
-fi
+for sql in schema.sql schema-migrate.sql; do
+    install -m 0644 "$SRC/$sql" "$DESTDIR$DOCDIR/"
+done
 install -m 0644 "$SRC/logrotate/$NAME" "$DESTDIR$LOGROTATEDIR/$NAME"
 
 if [ -e "$DESTDIR$CONFIG" ]; then
@@ -160,6 +160,7 @@ ratelimit-policyd is installed. Next steps:
            ...
      then: postfix reload
   4. Watch it:  $SBINDIR/$NAME status --config $CONFIG
-  MySQL/MariaDB instead of SQLite: create the table from $DOCDIR/schema.sql
-  (mysql policyd < $DOCDIR/schema.sql) and set database.url in $CONFIG.
+  MySQL/MariaDB instead of SQLite: create the tables from $DOCDIR/schema.sql
+  (mysql policyd < $DOCDIR/schema.sql; on a Perl daemon's database
+  $DOCDIR/schema-migrate.sql instead) and set database.url in $CONFIG.
 MSG

@@ -81,6 +81,8 @@ pub struct RawDatabase {
     pub table: String,
     pub flush_interval: String,
     pub refresh_interval: String,
+    pub reconcile_interval: String,
+    pub timeout: String,
 }
 
 /// The `[log]` section as written.
@@ -138,6 +140,8 @@ impl Default for RawDatabase {
             table: "ratelimit".into(),
             flush_interval: "5s".into(),
             refresh_interval: "30s".into(),
+            reconcile_interval: "5m".into(),
+            timeout: "10s".into(),
         }
     }
 }
@@ -192,6 +196,12 @@ pub struct DatabaseConfig {
     pub flush_interval: Duration,
     /// How often rows changed in the database are pulled.
     pub refresh_interval: Duration,
+    /// How often every row is read again (edits that left `updated` alone,
+    /// deleted rows).
+    pub reconcile_interval: Duration,
+    /// Deadline of each database operation, and of the whole final flush at
+    /// shutdown.
+    pub timeout: Duration,
 }
 
 /// The validated `[log]` section.
@@ -557,6 +567,11 @@ impl RawConfig {
             "database.refresh_interval",
             positive_duration(&d.refresh_interval)
         );
+        let reconcile_interval = check!(
+            "database.reconcile_interval",
+            positive_duration(&d.reconcile_interval)
+        );
+        let timeout = check!("database.timeout", positive_duration(&d.timeout));
 
         let level = check!("log.level", self.log.level.parse::<Level>());
         let log_file =
@@ -600,6 +615,8 @@ impl RawConfig {
                 table: table.ok_or_else(missing)?,
                 flush_interval: flush_interval.ok_or_else(missing)?,
                 refresh_interval: refresh_interval.ok_or_else(missing)?,
+                reconcile_interval: reconcile_interval.ok_or_else(missing)?,
+                timeout: timeout.ok_or_else(missing)?,
             },
             log: LogConfig {
                 syslog: self.log.syslog,
@@ -761,6 +778,8 @@ mod tests {
         );
         assert_eq!(c.database.flush_interval, Duration::from_secs(5));
         assert_eq!(c.database.refresh_interval, Duration::from_secs(30));
+        assert_eq!(c.database.reconcile_interval, Duration::from_secs(300));
+        assert_eq!(c.database.timeout, Duration::from_secs(10));
         assert_eq!(c.log.level, Level::Info);
     }
 

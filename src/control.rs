@@ -17,7 +17,6 @@ use std::collections::BTreeMap;
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,7 +30,7 @@ use crate::daemon::ReloadHandle;
 use crate::persist::FlushHandle;
 use crate::policy::DecisionKind;
 use crate::server::{remove_stale_socket, Shared};
-use crate::stats::Stats;
+use crate::stats::{DbState, Stats};
 use crate::store::{Calendar, Counter};
 
 /// The version of the control protocol; bumped on incompatible changes.
@@ -153,8 +152,25 @@ pub struct StatusHeader {
     pub counters: usize,
     /// The backend (`sqlite`, ...).
     pub database: String,
-    /// `up` or `down` (the last database operation failed).
+    /// `up` (the last operation of every kind worked), `down` (some kind
+    /// keeps failing) or `unknown` (nothing reached the database yet).
     pub database_state: String,
+    /// Unix seconds since when it is down; 0 unless down.
+    #[serde(default)]
+    pub database_down_since: i64,
+    /// Local time of `database_down_since`.
+    #[serde(default)]
+    pub database_down_since_local: String,
+    /// The last database error (`reads:`/`writes:` and the message), if any.
+    #[serde(default)]
+    pub database_error: Option<String>,
+    /// Local time of the last database error.
+    #[serde(default)]
+    pub database_error_local: String,
+    /// Whether every row has been loaded (false while the start-up load
+    /// waits for a database that was away).
+    #[serde(default)]
+    pub loaded: bool,
     /// The configured period and time zone, for reading expiries.
     pub period: String,
     /// IANA time zone of the windows.
@@ -449,6 +465,20 @@ fn header(ctx: &ControlContext, calendar: &Calendar) -> StatusHeader {
     let stats: &Stats = &shared.stats;
     let (pending_units, pending_rows) = shared.store.pending();
     let last = stats.last_flush.lock().clone();
+    let health = stats.database.lock().clone();
+    let (database_state, down_since) = match health.state() {
+        DbState::Unknown => ("unknown", 0),
+        DbState::Up => ("up", 0),
+        DbState::Down { since } => ("down", since),
+    };
+    let last_error = health.last_error();
+    let local = |at: i64| {
+        if at == 0 {
+            String::new()
+        } else {
+            calendar.format_local(at)
+        }
+    };
     StatusHeader {
         daemon_version: env!("CARGO_PKG_VERSION").to_string(),
         uptime_secs: stats.started.elapsed().as_secs(),
@@ -469,16 +499,16 @@ fn header(ctx: &ControlContext, calendar: &Calendar) -> StatusHeader {
             rows: last.rows,
             result: last.error.unwrap_or_else(|| "ok".into()),
         },
-        pending_rows,
-        pending_units,
+        pending_rows: pending_rows + Stats::get(&stats.unconfirmed_rows) as usize,
+        pending_units: pending_units + Stats::get(&stats.unconfirmed_units),
         counters: shared.store.len(),
         database: ctx.backend.to_string(),
-        database_state: if stats.database_up.load(Ordering::Relaxed) {
-            "up"
-        } else {
-            "down"
-        }
-        .into(),
+        database_state: database_state.into(),
+        database_down_since: down_since,
+        database_down_since_local: local(down_since),
+        database_error: last_error.map(|(op, _, e)| format!("{}: {e}", op.as_str())),
+        database_error_local: local(last_error.map_or(0, |(_, at, _)| at)),
+        loaded: health.loaded,
         period: calendar.period.to_string(),
         timezone: calendar.tz.name().to_string(),
     }
@@ -633,17 +663,30 @@ pub fn print_status(
         .iter()
         .map(|(k, v)| format!("{k} {v}"))
         .collect();
+    let database = match h.database_state.as_str() {
+        "down" => format!("{} down since {}", h.database, h.database_down_since_local),
+        "unknown" => format!("{} not reached yet", h.database),
+        state => format!("{} {state}", h.database),
+    };
     writeln!(
         out,
-        "ratelimit-policyd {}, up {}, {} {} ({} period, {})",
+        "ratelimit-policyd {}, up {}, {database} ({} period, {})",
         h.daemon_version,
         format_uptime(h.uptime_secs),
-        h.database,
-        h.database_state,
         h.period,
         h.timezone
     )
     .map_err(io)?;
+    if !h.loaded {
+        writeln!(
+            out,
+            "counters not loaded yet: every sender started from 0 with the default quota"
+        )
+        .map_err(io)?;
+    }
+    if let Some(e) = &h.database_error {
+        writeln!(out, "last database error ({}): {e}", h.database_error_local).map_err(io)?;
+    }
     writeln!(
         out,
         "connections: {} open, {} since start",

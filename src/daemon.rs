@@ -10,13 +10,13 @@
 //! Reload (SIGHUP or `ratelimit-policyd reload`) re-reads the configuration
 //! from its [`ConfigSource`], swaps the settings connections read (limits,
 //! actions, `allowed_clients`, `idle_timeout`), applies the log settings and
-//! re-reads quotas from the backend. A changed `default_quota` applies at
-//! once to non-persistent counters that had the old default (and is written
-//! to their rows at the next flush, so other daemons and refreshes see it). Settings bound
-//! at start (`listen`, `control_socket`, `max_connections`, `[database]`) are
-//! reported as needing a restart.
+//! asks the flusher — the one task that merges database rows into memory —
+//! for a full re-read. A changed `default_quota` applies at once to
+//! non-persistent counters that had the old default (and is written to their
+//! rows at the next flush, so other daemons and refreshes see it). Settings
+//! bound at start (`listen`, `control_socket`, `max_connections`,
+//! `[database]`) are reported as needing a restart.
 
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,6 +30,7 @@ use crate::clock::Clock;
 use crate::config::{Config, ConfigSource, ListenAddr};
 use crate::control::{self, ControlContext, ControlListener};
 use crate::error::{Error, Result};
+use crate::persist::flusher::DefaultQuota;
 use crate::persist::{Backend, BackendError, FinalFlush, FlushHandle, FlushSettings, Flusher};
 use crate::server::{self, Listener, Settings, Shared};
 use crate::stats::Stats;
@@ -118,43 +119,6 @@ pub async fn start<B: Backend>(
     })?;
     let store = Arc::new(CounterStore::new());
     let stats = Arc::new(Stats::default());
-    let default_quota = Arc::new(AtomicU32::new(config.policy.limit.rules.default_quota));
-    let settings = FlushSettings {
-        interval: config.database.flush_interval,
-        refresh_interval: config.database.refresh_interval,
-        min_backoff: Duration::from_secs(1),
-        max_backoff: Duration::from_secs(60),
-        final_timeout: Duration::from_secs(10),
-        default_quota: Arc::clone(&default_quota),
-    };
-    let (mut flusher, flush) = Flusher::new(
-        Arc::clone(&backend),
-        Arc::clone(&store),
-        Arc::clone(&clock),
-        Arc::clone(&stats),
-        settings,
-    );
-    let loading = Instant::now();
-    match flusher.load().await {
-        Ok(n) => crate::notice!(
-            "loaded {n} counters from {} in {:.0?}",
-            backend.name(),
-            loading.elapsed()
-        ),
-        // A database that is down must not keep mail from being limited:
-        // serve from memory, load at the first refresh that works.
-        Err(BackendError::Unavailable(e)) => {
-            stats
-                .database_up
-                .store(false, std::sync::atomic::Ordering::Relaxed);
-            log::error!(
-                "database unavailable at start ({e}); serving anyway: until the counters are loaded every \
-                 sender starts from 0 with the default quota; retrying at each refresh"
-            );
-        }
-        Err(e) => return Err(e.into()),
-    }
-
     let shared = Arc::new(Shared::new(
         Settings {
             policy: config.policy.clone(),
@@ -162,9 +126,55 @@ pub async fn start<B: Backend>(
             idle_timeout: config.idle_timeout,
         },
         Arc::clone(&store),
-        clock,
+        Arc::clone(&clock),
         Arc::clone(&stats),
     ));
+    // The flusher reads the default quota where connections read it, so a
+    // reload changes it for both at once.
+    let default_quota: DefaultQuota = {
+        let shared = Arc::clone(&shared);
+        Arc::new(move || shared.settings.load().policy.limit.rules.default_quota)
+    };
+    let settings = FlushSettings {
+        interval: config.database.flush_interval,
+        refresh_interval: config.database.refresh_interval,
+        reconcile_interval: config.database.reconcile_interval,
+        min_backoff: Duration::from_secs(1),
+        max_backoff: Duration::from_secs(60),
+        final_timeout: config.database.timeout,
+    };
+    let (mut flusher, flush) = Flusher::new(
+        Arc::clone(&backend),
+        Arc::clone(&store),
+        clock,
+        Arc::clone(&stats),
+        settings,
+        default_quota,
+    );
+    crate::notice!("loading counters from {}", backend.name());
+    let loading = Instant::now();
+    let loaded = tokio::select! {
+        loaded = flusher.load() => Some(loaded),
+        // SIGTERM while the load waits for a slow database: stop now.
+        () = shutdown.cancelled() => None,
+    };
+    match loaded {
+        Some(Ok(n)) => crate::notice!(
+            "loaded {n} counters from {} in {:.0?}",
+            backend.name(),
+            loading.elapsed()
+        ),
+        // A database that is down must not keep mail from being limited:
+        // serve from memory, load at the first refresh that works.
+        Some(Err(BackendError::Unavailable(e))) => {
+            log::error!(
+                "database unavailable at start ({e}); serving anyway: until the counters are loaded every \
+                 sender starts from 0 with the default quota; retrying at each refresh"
+            );
+        }
+        Some(Err(e)) => return Err(e.into()),
+        None => crate::notice!("stopped before the counters were loaded"),
+    }
 
     let (asker, reload_rx) = crate::ask::channel(4);
     let reload = ReloadHandle { asker };
@@ -172,8 +182,7 @@ pub async fn start<B: Backend>(
         source,
         current: config.clone(),
         shared: Arc::clone(&shared),
-        backend: Arc::clone(&backend),
-        default_quota,
+        flush: flush.clone(),
     };
     tokio::spawn(reloader.run(reload_rx));
 
@@ -221,15 +230,14 @@ pub async fn start<B: Backend>(
 }
 
 /// Owns what a reload changes; runs one reload at a time.
-struct Reloader<B> {
+struct Reloader {
     source: Option<ConfigSource>,
     current: Config,
     shared: Arc<Shared>,
-    backend: Arc<B>,
-    default_quota: Arc<AtomicU32>,
+    flush: FlushHandle,
 }
 
-impl<B: Backend> Reloader<B> {
+impl Reloader {
     async fn run(mut self, mut requests: mpsc::Receiver<Request<(), Result<String, String>>>) {
         while let Some(((), reply)) = requests.recv().await {
             let result = self.reload().await;
@@ -279,23 +287,19 @@ impl<B: Backend> Reloader<B> {
             old.policy.limit.rules.default_quota,
             new.policy.limit.rules.default_quota,
         );
-        let store = &self.shared.store;
-        let changed = store.apply_default_quota(old_default, new_default);
-        self.default_quota.store(new_default, Ordering::Relaxed);
+        let changed = self
+            .shared
+            .store
+            .apply_default_quota(old_default, new_default);
         if old_default != new_default {
             notes.push(format!(
                 "default_quota {old_default} -> {new_default} ({changed} counters)"
             ));
         }
-        match self.backend.load_all().await {
-            Ok(rows) => {
-                let n = rows.len();
-                let now = self.shared.clock.now();
-                for row in rows {
-                    store.merge_stored(row, now);
-                }
-                notes.push(format!("{n} quotas re-read from {}", self.backend.name()));
-            }
+        // The re-read is the flusher's: it never merges rows while a flush
+        // of its own is in flight.
+        match self.flush.reconcile().await {
+            Ok(n) => notes.push(format!("{n} rows re-read from the database")),
             Err(e) => notes.push(format!("quotas not re-read: {e}")),
         }
         if !restart.is_empty() {

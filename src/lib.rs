@@ -18,11 +18,14 @@
 //! ```
 //!
 //! No database I/O happens on the request path. [`persist::Flusher`] runs on
-//! its own: every `flush_interval` it takes the usage added since the last
-//! flush ([`store::Delta`]s) and writes it through a [`persist::Backend`]
-//! (embedded SQLite by default). A failed write gives the deltas back and is
-//! retried with capped backoff, so a database outage loses nothing while the
-//! daemon keeps answering from memory.
+//! its own and is the one task that merges memory and database: every
+//! `flush_interval` it takes the usage added since the last flush
+//! ([`store::Delta`]s) and writes it in batches through a
+//! [`persist::Backend`] (embedded SQLite by default). A batch that fails is
+//! kept and sent again, with the same id, until the database confirms it, so
+//! a database outage loses nothing, an unknown outcome doubles nothing, and
+//! the daemon keeps answering from memory meanwhile. Refreshes, full
+//! re-reads and reloads merge database rows in the same task.
 //!
 //! ## Modules
 //!
@@ -32,7 +35,7 @@
 //! - [`persist`]: backend trait, write-behind flusher, SQLite and memory backends.
 //! - [`server`]: listener and per-connection loop.
 //! - [`daemon`]: wires everything; what `main` and the tests start.
-//! - [`config`], [`cli`], [`logging`], [`clock`], [`shutdown`], [`stats`], [`error`].
+//! - [`config`], [`cli`], [`logging`], [`clock`], [`signals`], [`stats`], [`error`].
 
 #![deny(missing_docs)]
 
@@ -48,7 +51,7 @@ pub mod persist;
 pub mod policy;
 pub mod protocol;
 pub mod server;
-pub mod shutdown;
+pub mod signals;
 pub mod stats;
 pub mod store;
 pub mod systemd;

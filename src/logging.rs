@@ -211,24 +211,25 @@ pub fn reconfigure(cfg: &LogConfig) -> io::Result<()> {
         return Ok(());
     };
     logger.set_level(cfg.level);
-    {
-        let mut syslog = logger.syslog.lock();
-        match (cfg.syslog, syslog.is_some()) {
-            (false, true) => *syslog = None,
-            (true, false) => match connect_syslog(logger.syslog_socket.as_deref()) {
-                Ok(s) => *syslog = Some(s),
-                Err(e) => log::warn!("syslog unavailable: {e}"),
-            },
-            _ => {}
+    // Nothing is logged while one of the logger's locks is held: logging
+    // takes them too, and they are not reentrant.
+    let want_syslog = cfg.syslog && logger.syslog.lock().is_none();
+    if !cfg.syslog {
+        *logger.syslog.lock() = None;
+    } else if want_syslog {
+        // Connecting (a socket call) happens outside the lock as well.
+        match connect_syslog(logger.syslog_socket.as_deref()) {
+            Ok(s) => *logger.syslog.lock() = Some(s),
+            Err(e) => log::warn!("syslog unavailable, logging without it: {e}"),
         }
     }
-    let mut file = logger.file.lock();
-    let current = file.as_ref().map(|(p, _)| p.clone());
+    let current = logger.file.lock().as_ref().map(|(p, _)| p.clone());
     if current != cfg.file {
-        *file = match &cfg.file {
+        let opened = match &cfg.file {
             Some(path) => Some((path.clone(), open_log(path)?)),
             None => None,
         };
+        *logger.file.lock() = opened;
     }
     Ok(())
 }

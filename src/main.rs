@@ -9,7 +9,6 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
-use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
 use ratelimit_policyd::cli::{Cli, Command};
@@ -18,14 +17,14 @@ use ratelimit_policyd::config::{
     mask_password, Config, ConfigSource, DatabaseUrl, DEFAULT_CONFIG_PATH,
 };
 use ratelimit_policyd::control::{self, ControlListener};
-use ratelimit_policyd::daemon::{self, Daemon, Listeners};
+use ratelimit_policyd::daemon::{self, Listeners};
 use ratelimit_policyd::error::{Error, EXIT_COUNTS_LOST};
 use ratelimit_policyd::logging::{self, Outputs};
 use ratelimit_policyd::persist::mysql::MysqlBackend;
 use ratelimit_policyd::persist::sqlite::SqliteBackend;
 use ratelimit_policyd::persist::Backend;
 use ratelimit_policyd::server::Listener;
-use ratelimit_policyd::{notice, shutdown, systemd};
+use ratelimit_policyd::{notice, signals, systemd};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -140,10 +139,10 @@ async fn serve(config: Config, source: ConfigSource) -> anyhow::Result<ExitCode>
                 Some(path) => Some(read_password(path)?),
                 None => None,
             };
-            let backend = MysqlBackend::new(url, password, &db.table).map_err(Error::Database)?;
-            let result = serve_with(config, source, backend.clone()).await;
-            backend.disconnect().await;
-            result
+            let backend = MysqlBackend::new(url, password, &db.table)
+                .map_err(Error::Database)?
+                .with_timeout(db.timeout);
+            serve_with(config, source, backend).await
         }
     }
 }
@@ -175,7 +174,8 @@ async fn serve_with<B: Backend>(
             source,
         })?;
     let token = CancellationToken::new();
-    shutdown::spawn_signal_handler(token.clone()).context("cannot install signal handlers")?;
+    // Before the load: a SIGHUP or SIGUSR1 during it must not kill us.
+    let signals = signals::install(token.clone()).context("cannot install signal handlers")?;
     let listeners = Listeners {
         policy,
         control: Some(control),
@@ -189,7 +189,7 @@ async fn serve_with<B: Backend>(
         token,
     )
     .await?;
-    spawn_reload_signals(&running).context("cannot install signal handlers")?;
+    signals.serve(running.reload.clone());
     notice!(
         "listening on {} (control {}, database {}, {} counters)",
         running.local_addr,
@@ -209,29 +209,6 @@ async fn serve_with<B: Backend>(
     }
     notice!("stopped; final flush wrote {} rows", report.rows);
     Ok(ExitCode::SUCCESS)
-}
-
-/// SIGHUP reloads the configuration; SIGUSR1 reopens the log file.
-fn spawn_reload_signals(running: &Daemon) -> std::io::Result<()> {
-    let mut hup = signal(SignalKind::hangup())?;
-    let mut usr1 = signal(SignalKind::user_defined1())?;
-    let reload = running.reload.clone();
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                Some(()) = hup.recv() => {
-                    notice!("SIGHUP received; reloading");
-                    // The reload task logs its result.
-                    let _ = reload.reload().await;
-                }
-                Some(()) = usr1.recv() => match logging::reopen() {
-                    Ok(()) => notice!("SIGUSR1 received; log file reopened"),
-                    Err(e) => log::error!("SIGUSR1: cannot reopen the log file: {e}"),
-                },
-            }
-        }
-    });
-    Ok(())
 }
 
 fn describe(url: &DatabaseUrl) -> String {

@@ -225,3 +225,84 @@ async fn a_read_only_filesystem_at_start_is_served_through() {
     assert_eq!(d.terminate(), 0);
     assert_eq!(total_used(&db), before + during, "nothing lost");
 }
+
+/// SPEC §6: a committed flush is on disk. SQLite commits a flush with an
+/// fsync of its journal (`synchronous = FULL`): strace counts them.
+#[tokio::test]
+async fn every_flush_is_synced_to_disk() {
+    use common::binary::Spawn;
+    if std::process::Command::new("strace")
+        .arg("-V")
+        .output()
+        .is_err()
+    {
+        common::skip("strace is not installed (.ci/run installs it)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "default_quota = 1000000", "level = \"notice\"");
+    let trace = dir.path().join("strace.out");
+    let trace_arg = trace.display().to_string();
+    let d = Spawn {
+        wrapper: &[
+            "strace",
+            "-f",
+            "-qq",
+            "-e",
+            "trace=fsync,fdatasync",
+            "-o",
+            &trace_arg,
+        ],
+        ..Spawn::default()
+    }
+    .start(&config);
+    let mut c = Client::connect(d.addr).await;
+    let syncs = || {
+        std::fs::read_to_string(&trace)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("fsync(") || l.contains("fdatasync("))
+            .count()
+    };
+    let mut counts = Vec::new();
+    for round in 0..10 {
+        send(&mut c, 3, 1, &format!("r{round}-")).await;
+        let before = syncs();
+        assert!(cli(&config, &["flush"]).status.success());
+        counts.push(syncs() - before);
+    }
+    assert_eq!(d.terminate(), 0);
+    assert!(
+        counts.iter().all(|&n| n >= 1),
+        "fsyncs per flush: {counts:?}"
+    );
+    println!("fsyncs per flush: {counts:?}");
+}
+
+/// Reload with syslog configured but unreachable (no /dev/log: containers,
+/// minimal installs) must not freeze the daemon.
+#[tokio::test]
+async fn a_reload_with_syslog_unreachable_does_not_freeze_the_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "", "syslog = true");
+    let nowhere = dir.path().join("no-such-log-socket");
+    let d = spawn(&config, &["--syslog-socket", nowhere.to_str().unwrap()]);
+    d.signal(libc::SIGHUP);
+    let mut c = Client::connect(d.addr).await;
+    let answered = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        c.ask(&Req::rcpt("a@example.com", "i", "r@x")),
+    )
+    .await;
+    assert!(
+        answered.is_ok(),
+        "a request after the reload was not answered"
+    );
+    let status = common::binary::cli_within(&config, &["status"], 10);
+    assert_eq!(
+        status.map(|o| o.status.code()),
+        Some(Some(0)),
+        "status answers"
+    );
+    assert_eq!(d.terminate(), 0);
+}

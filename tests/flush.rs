@@ -11,6 +11,7 @@ use ratelimit_policyd::clock::ManualClock;
 use ratelimit_policyd::persist::memory::MemoryBackend;
 use ratelimit_policyd::persist::sqlite::SqliteBackend;
 use ratelimit_policyd::persist::Backend;
+use ratelimit_policyd::stats::DbState;
 use ratelimit_policyd::stats::Stats;
 
 const ALICE: &str = "alice@example.com";
@@ -124,16 +125,21 @@ async fn an_outage_loses_nothing_and_requests_go_on() {
         "deltas survive repeated failures"
     );
     let stats = &s.daemon().stats;
-    assert!(!stats.database_up.load(std::sync::atomic::Ordering::Relaxed));
+    assert!(matches!(
+        stats.database.lock().state(),
+        DbState::Down { .. }
+    ));
     assert_eq!(Stats::get(&stats.flush_failures), 2);
     assert_eq!(backend.row(ALICE).unwrap().used, 1);
     assert!(is_deferred(&c.ask(&Req::rcpt(ALICE, "i4", "z@x")).await));
 
     backend.set_failing(false);
-    assert_eq!(s.daemon().flush.flush().await, Ok(2));
+    // The batch held back since the first failure (2 rows), then the unit
+    // counted after it (1 row).
+    assert_eq!(s.daemon().flush.flush().await, Ok(3));
     assert_eq!(backend.row(ALICE).unwrap().used, 7);
     assert_eq!(backend.row("new@example.com").unwrap().used, 1);
-    assert!(stats.database_up.load(std::sync::atomic::Ordering::Relaxed));
+    assert!(stats.database.lock().state() == DbState::Up);
     s.stop().await;
 }
 
@@ -199,4 +205,30 @@ async fn a_final_flush_that_cannot_write_reports_the_loss() {
         "the final flush retried: {report:?} {}",
         backend.attempts()
     );
+}
+
+/// Every `reconcile_interval` the flusher reads every row again (the
+/// backstop for edits that leave `updated` alone); a failed re-read is
+/// retried like a refresh.
+#[tokio::test(start_paused = true)]
+async fn every_row_is_read_again_every_reconcile_interval() {
+    let backend = Arc::new(MemoryBackend::default());
+    let mut s = start_with(
+        "[database]\nrefresh_interval = \"30s\"\nreconcile_interval = \"300s\"\n",
+        Arc::clone(&backend),
+        ManualClock::new(T0),
+    )
+    .await;
+    assert_eq!(backend.scans(), 1, "the start-up load");
+    let start = tokio::time::Instant::now();
+    let mut scans_at = Vec::new();
+    while scans_at.len() < 3 {
+        let seen = backend.scans();
+        tokio::time::sleep(Duration::from_millis(100)).await; // virtual time
+        if backend.scans() > seen {
+            scans_at.push(start.elapsed().as_secs());
+        }
+    }
+    assert_eq!(scans_at, [300, 600, 900]);
+    s.stop().await;
 }

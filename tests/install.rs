@@ -77,6 +77,13 @@ fn install_sh_stages_every_file_with_its_mode_and_is_idempotent() {
     assert_eq!(mode(&config), 0o644);
     assert_eq!(mode(&unit), 0o644);
     assert_eq!(mode(&rotate), 0o644);
+    for sql in ["schema.sql", "schema-migrate.sql"] {
+        assert_eq!(
+            mode(&d.join("usr/local/share/doc/ratelimit-policyd").join(sql)),
+            0o644,
+            "{sql}"
+        );
+    }
     assert_eq!(mode(&d.join("var/lib/ratelimit-policyd")), 0o750);
     assert_eq!(mode(&d.join("var/log/ratelimit-policyd")), 0o750);
     assert!(

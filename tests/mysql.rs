@@ -10,7 +10,7 @@ use common::mysql::{admin_url, TestDb};
 use common::{is_deferred, start_with, Req, T0};
 use ratelimit_policyd::clock::ManualClock;
 use ratelimit_policyd::persist::mysql::MysqlBackend;
-use ratelimit_policyd::persist::{Backend, WriteContext};
+use ratelimit_policyd::persist::{Backend, Batch, BatchId, WriteContext, MAX_BATCH_ROWS};
 use ratelimit_policyd::store::Delta;
 
 /// T0 is 2026-09-21 14:13:20 UTC; the daily UTC window ends at midnight.
@@ -214,16 +214,35 @@ async fn load_and_flush_times_for_100k_rows() {
             reset_used: false,
         })
         .collect();
-    let deltas = Arc::new(deltas);
     let ctx = WriteContext {
         default_quota: 1000,
         now: T0,
     };
+    // As the flusher writes them: batches of MAX_BATCH_ROWS, one after the other.
+    let mut id = BatchId::first();
+    let mut flush = || {
+        let batches: Vec<Arc<Batch>> = deltas
+            .chunks(MAX_BATCH_ROWS)
+            .map(|chunk| {
+                id = id.next();
+                Arc::new(Batch {
+                    id,
+                    deltas: chunk.to_vec(),
+                })
+            })
+            .collect();
+        let backend = Arc::clone(&backend);
+        async move {
+            for batch in batches {
+                backend.write(batch, ctx).await.unwrap();
+            }
+        }
+    };
     let started = Instant::now();
-    backend.write(Arc::clone(&deltas), ctx).await.unwrap();
+    flush().await;
     let insert = started.elapsed();
     let started = Instant::now();
-    backend.write(Arc::clone(&deltas), ctx).await.unwrap();
+    flush().await;
     let update = started.elapsed();
     let started = Instant::now();
     let rows = backend.load_all().await.unwrap();

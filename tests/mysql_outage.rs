@@ -233,3 +233,108 @@ async fn a_server_refusing_new_connections_is_waited_out() {
     s.stop().await;
     admin.disconnect().await.unwrap();
 }
+
+/// SIGHUP and SIGUSR1 (logrotate sends it whenever it runs) while the
+/// start-up load waits on the database must neither kill the daemon nor be
+/// forgotten.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signals_during_the_start_up_load_are_handled_after_it() {
+    use common::binary::{use_database, write_config, Spawn};
+    use common::mysql::admin_url;
+    use common::proxy::Proxy;
+    let db = TestDb::create(&admin_url(), "sigload").await;
+    let proxy = Proxy::start("127.0.0.1:3306");
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "", "");
+    use_database(&config, &proxy.url_for(&db.url()));
+    proxy.freeze();
+    let mut d = Spawn {
+        ready: "ratelimit-policyd",
+        ..Spawn::default()
+    }
+    .start(&config);
+    // The daemon is inside its start-up load once it has connected.
+    for _ in 0..3000 {
+        if proxy.connections() > 0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(proxy.connections() > 0, "the daemon never connected");
+    d.signal(libc::SIGHUP);
+    d.signal(libc::SIGUSR1);
+    proxy.thaw();
+    d.wait_listening();
+    d.wait_for("reloaded");
+    assert!(d.child.try_wait().unwrap().is_none(), "still running");
+    assert_eq!(d.terminate(), 0);
+}
+
+/// SIGTERM with the database frozen (SIGSTOP: connections stay open, nothing
+/// is answered): the whole final flush, closing the connections included, is
+/// bounded by the README's 10 s; the daemon says what it could not save and
+/// exits 75.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_a_frozen_database_is_bounded() {
+    use common::binary::{use_database, write_config, Spawn};
+    let server = PrivateServer::start();
+    let db = TestDb::create(&server.admin_url(), "frozenstop").await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "", "");
+    use_database(&config, &db.url());
+    let d = Spawn::default().start(&config);
+    let mut c = Client::connect(d.addr).await;
+    for n in 0..5 {
+        c.ask(&Req::rcpt(KEY, &format!("i{n}"), "r@x")).await;
+    }
+    drop(c);
+    server.freeze();
+    let started = Instant::now();
+    let code = d.terminate();
+    let took = started.elapsed();
+    server.thaw();
+    println!("SIGTERM with a frozen database: exit {code} after {took:?}");
+    assert_eq!(code, 75, "counts could not be saved");
+    assert!(
+        took < std::time::Duration::from_secs(12),
+        "the final flush gives up after 10 s: took {took:?}"
+    );
+}
+
+/// Case 9 as an administrator sees it: started against a port where nothing
+/// listens, `status` says the database is down since start, with the error,
+/// and that the counters are not loaded; a flush with nothing to write does
+/// not make the log or `status` claim it came back.
+#[tokio::test]
+async fn a_database_never_reached_is_reported_down_with_its_error() {
+    use common::binary::{cli, stdout, use_database, write_config, Spawn};
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "", "");
+    use_database(
+        &config,
+        &format!("mysql://root@127.0.0.1:{port}/nothing?prefer_socket=false"),
+    );
+    let d = Spawn::default().start(&config);
+    assert!(
+        cli(&config, &["flush"]).status.success(),
+        "nothing to write"
+    );
+    let text = stdout(&cli(&config, &["status"]));
+    let first = text.lines().next().unwrap_or_default();
+    assert!(first.contains("mysql down since "), "{text}");
+    assert!(text.contains("counters not loaded yet"), "{text}");
+    assert!(
+        text.contains("last database error") && text.contains("reads: "),
+        "{text}"
+    );
+    let json = stdout(&cli(&config, &["status", "--json"]));
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["header"]["database_state"], "down");
+    assert_eq!(v["header"]["loaded"], false);
+    assert_eq!(d.terminate(), 0);
+    let log = std::fs::read_to_string(dir.path().join("ratelimit-policyd.log")).unwrap();
+    assert!(!log.contains("available again"), "{log}");
+}

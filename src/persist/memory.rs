@@ -1,23 +1,25 @@
-//! An in-memory [`Backend`] that applies [`merge_delta`] and records what it
-//! was given. For tests and dry runs; it can be told to fail, to exercise the
+//! An in-memory [`Backend`] that applies [`merge_delta`] and records the
+//! batch ids it applied. For tests and dry runs; it can be told to fail, to exercise the
 //! flusher's retry path.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
+use tokio::sync::mpsc;
 
-use super::{merge_delta, Backend, BackendError, WriteContext};
-use crate::store::{Delta, StoredRow};
+use super::{merge_delta, Backend, BackendError, Batch, BatchId, WriteContext, Written};
+use crate::store::StoredRow;
 
 /// Rows in a map, plus a switch that makes every call fail.
 #[derive(Debug, Default)]
 pub struct MemoryBackend {
     rows: Mutex<BTreeMap<String, StoredRow>>,
     failing: AtomicBool,
-    writes: Mutex<Vec<usize>>,
+    batches: Mutex<HashSet<BatchId>>,
     attempts: AtomicUsize,
+    scans: AtomicUsize,
 }
 
 impl MemoryBackend {
@@ -41,14 +43,14 @@ impl MemoryBackend {
         self.rows.lock().get(key).cloned()
     }
 
+    /// Full reads (`scan`), failed ones included.
+    pub fn scans(&self) -> usize {
+        self.scans.load(Ordering::SeqCst)
+    }
+
     /// Calls of `write`, failed ones included.
     pub fn attempts(&self) -> usize {
         self.attempts.load(Ordering::SeqCst)
-    }
-
-    /// The sizes of the successful writes, in order.
-    pub fn writes(&self) -> Vec<usize> {
-        self.writes.lock().clone()
     }
 
     fn check(&self) -> Result<(), BackendError> {
@@ -67,24 +69,29 @@ impl Backend for MemoryBackend {
         "memory"
     }
 
-    async fn load_all(&self) -> Result<Vec<StoredRow>, BackendError> {
+    async fn scan(&self, rows: mpsc::Sender<Vec<StoredRow>>) -> Result<usize, BackendError> {
+        self.scans.fetch_add(1, Ordering::SeqCst);
         self.check()?;
-        Ok(self.rows.lock().values().cloned().collect())
+        let all: Vec<StoredRow> = self.rows.lock().values().cloned().collect();
+        let n = all.len();
+        let _ = rows.send(all).await;
+        Ok(n)
     }
 
-    async fn write(
-        &self,
-        deltas: Arc<Vec<Delta>>,
-        ctx: WriteContext,
-    ) -> Result<(), (usize, BackendError)> {
+    async fn write(&self, batch: Arc<Batch>, ctx: WriteContext) -> Result<Written, BackendError> {
         self.attempts.fetch_add(1, Ordering::SeqCst);
-        self.check().map_err(|e| (0, e))?;
+        self.check()?;
+        if !self.batches.lock().insert(batch.id) {
+            return Ok(Written {
+                replayed: true,
+                skipped: Vec::new(),
+            });
+        }
         let mut rows = self.rows.lock();
-        for d in deltas.iter() {
+        for d in &batch.deltas {
             let merged = merge_delta(rows.remove(&*d.key), d, ctx.default_quota);
             rows.insert(merged.key.clone(), merged);
         }
-        self.writes.lock().push(deltas.len());
-        Ok(())
+        Ok(Written::default())
     }
 }

@@ -1,45 +1,79 @@
 //! The MySQL/MariaDB [`Backend`] (mysql_async), on the Perl daemon's
 //! `ratelimit` table (`schema.sql`).
 //!
-//! - **Bounded waits.** Every operation runs under a timeout, so a database
-//!   that stops answering (packets dropped, server frozen) delays a flush or
-//!   a refresh by at most that long and never blocks shutdown beyond the
-//!   final flush's own deadline. Requests never wait on the database at all.
-//! - **Writes are deltas.** Multi-row `INSERT … ON DUPLICATE KEY UPDATE`
-//!   statements (at most [`ROWS_PER_STATEMENT`] rows) in transactions of at
-//!   most [`super::MAX_BATCH_ROWS`] rows apply [`super::merge_delta`]'s rule.
-//!   MySQL evaluates the `UPDATE` assignments left to right, each seeing the
-//!   columns already assigned, so `expiry` is assigned last.
+//! - **Bounded waits.** Every operation runs under a deadline
+//!   (`database.timeout`), so a database that stops answering (packets
+//!   dropped, server frozen) delays a flush or a refresh by at most that
+//!   long. Requests never wait on the database at all.
+//! - **Writes, exactly once.** One transaction per batch: the batch id goes
+//!   into `<table>_batches` first (a duplicate means an earlier attempt was
+//!   committed: nothing more is done); then, per [`ROWS_PER_STATEMENT`]
+//!   deltas, the existing rows are read and locked (`SELECT … FOR UPDATE`),
+//!   merged with [`merge_delta`] in Rust, and written back by their `id`
+//!   (`INSERT … ON DUPLICATE KEY UPDATE` with explicit ids, which uses up no
+//!   AUTO_INCREMENT values: the Perl table's `id` is an `INT`); only senders
+//!   without a row are inserted. Deadlocks and lock wait timeouts (another
+//!   daemon, a Galera certification failure) are retried.
 //! - **Keys the table cannot hold** (longer than 255 characters, or with
 //!   characters outside the 3-byte UTF-8 of the Perl schema's `utf8`
 //!   column) are counted in memory but not written, with a warning: one bad
 //!   key must not make every flush fail.
 //! - **Refresh** reads the rows whose `updated` is at or after the previous
-//!   refresh's database time (`schema.sql` adds an index on `updated`).
+//!   refresh's database time; `schema.sql` gives `updated` an `ON UPDATE
+//!   CURRENT_TIMESTAMP` so that edits made by hand are seen too, and
+//!   [`Backend::inspect`] warns when a table lacks it.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use mysql_async::prelude::Queryable;
-use mysql_async::{Opts, OptsBuilder, Params, Pool, PoolConstraints, PoolOpts, TxOpts, Value};
+use mysql_async::{
+    Opts, OptsBuilder, Params, Pool, PoolConstraints, PoolOpts, Transaction, TxOpts, Value,
+};
 
-use super::{Backend, BackendError, WriteContext, MAX_BATCH_ROWS};
+use tokio::sync::mpsc;
+
+use super::{
+    merge_delta, Backend, BackendError, Batch, Inspection, WriteContext, Written, SCAN_CHUNK,
+};
 use crate::store::{Delta, StoredRow};
 
-/// Most rows in one `INSERT` statement.
+/// Most rows in one statement.
 pub const ROWS_PER_STATEMENT: usize = 500;
 /// Longest key the Perl schema's `sender VARCHAR(255)` holds.
 pub const MAX_KEY_CHARS: usize = 255;
-/// Time allowed for one write transaction, or a refresh.
-const OP_TIMEOUT: Duration = Duration::from_secs(10);
-/// Time allowed for loading every row.
+/// Deadline of one operation unless [`MysqlBackend::with_timeout`] says
+/// otherwise.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time allowed for loading every row (a million rows take about a second).
 const LOAD_TIMEOUT: Duration = Duration::from_secs(300);
+/// Attempts of one transaction that hits a deadlock or a lock wait timeout.
+const ATTEMPTS: usize = 3;
+
+/// The batch table's definition (also in `schema.sql`).
+fn batches_ddl(table: &str) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS `{table}_batches` (\
+           `daemon` BIGINT UNSIGNED NOT NULL, \
+           `seq` BIGINT UNSIGNED NOT NULL, \
+           `applied` TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP, \
+           PRIMARY KEY (`daemon`, `seq`), \
+           KEY `idx_applied` (`applied`)\
+         ) ENGINE = InnoDB"
+    )
+}
 
 /// A pool of connections to one database.
 #[derive(Debug, Clone)]
 pub struct MysqlBackend {
     pool: Pool,
     table: Arc<str>,
+    timeout: Duration,
+    /// Whether `<table>_batches` can be used. Without it a flush whose
+    /// outcome is unknown may be applied twice (a warning says so).
+    batches: Arc<AtomicBool>,
 }
 
 impl MysqlBackend {
@@ -71,62 +105,168 @@ impl MysqlBackend {
         Ok(MysqlBackend {
             pool: Pool::new(builder),
             table: Arc::from(table),
+            timeout: DEFAULT_TIMEOUT,
+            batches: Arc::new(AtomicBool::new(true)),
         })
     }
 
-    /// Closes the pool's connections.
-    pub async fn disconnect(self) {
-        let _ = tokio::time::timeout(OP_TIMEOUT, self.pool.disconnect()).await;
+    /// Sets the deadline of each operation (`database.timeout`).
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
     }
 
-    async fn write_chunk(&self, chunk: &[Delta], ctx: WriteContext) -> Result<usize, BackendError> {
-        let mut skipped = 0;
-        let mut groups: [Vec<&Delta>; 4] = Default::default();
-        for d in chunk {
-            if storable(&d.key) {
-                groups[usize::from(d.reset_used) | usize::from(d.set_quota) << 1].push(d);
-            } else {
-                skipped += 1;
-                log::warn!(
-                    "key {} cannot be stored in MySQL (over {MAX_KEY_CHARS} characters or 4-byte UTF-8); \
-                     it is limited in memory only",
-                    crate::protocol::Escaped(&d.key)
-                );
-            }
+    async fn bounded<T>(
+        &self,
+        limit: Duration,
+        what: &str,
+        op: impl std::future::Future<Output = Result<T, BackendError>>,
+    ) -> Result<T, BackendError> {
+        match tokio::time::timeout(limit, op).await {
+            Ok(r) => r,
+            Err(_) => Err(BackendError::Unavailable(format!(
+                "mysql: {what} took longer than {limit:?}"
+            ))),
         }
-        let mut conn = self.pool.get_conn().await.map_err(classify)?;
-        let mut tx = conn
-            .start_transaction(TxOpts::default())
-            .await
-            .map_err(classify)?;
-        for (flags, rows) in groups.iter().enumerate() {
-            let (reset_used, set_quota) = (flags & 1 == 1, flags & 2 == 2);
-            for part in rows.chunks(ROWS_PER_STATEMENT) {
-                let sql = upsert_sql(&self.table, part.len(), reset_used, set_quota);
-                let mut params: Vec<Value> = Vec::with_capacity(part.len() * 5 + 1);
-                for d in part {
-                    params.push(Value::from(&*d.key));
-                    params.push(Value::from(d.quota));
-                    params.push(Value::from(d.delta));
-                    params.push(Value::from(d.window_expiry.max(0)));
-                    params.push(Value::from(d.persist));
-                }
-                if !set_quota {
-                    params.push(Value::from(ctx.default_quota));
-                }
-                tx.exec_drop(sql, Params::Positional(params))
-                    .await
-                    .map_err(classify)?;
-            }
-        }
-        tx.commit().await.map_err(classify)?;
-        Ok(skipped)
     }
 
-    async fn select_rows(&self, since: Option<i64>) -> Result<Vec<StoredRow>, BackendError> {
+    /// One attempt at writing a batch.
+    async fn write_once(
+        &self,
+        batch: &Batch,
+        ctx: WriteContext,
+        storable: &[&Delta],
+    ) -> Result<Written, mysql_async::Error> {
+        let t = &self.table;
+        let mut conn = self.pool.get_conn().await?;
+        let mut tx = conn.start_transaction(TxOpts::default()).await?;
+        if self.batches.load(Ordering::Relaxed) {
+            let recorded = tx
+                .exec_drop(
+                    format!("INSERT INTO `{t}_batches` (daemon, seq) VALUES (?, ?)"),
+                    (batch.id.daemon, batch.id.seq),
+                )
+                .await;
+            match recorded {
+                Ok(()) => {}
+                // Applied by an earlier attempt whose answer was lost.
+                Err(mysql_async::Error::Server(e)) if e.code == 1062 => {
+                    tx.rollback().await?;
+                    return Ok(Written {
+                        replayed: true,
+                        skipped: Vec::new(),
+                    });
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        for part in storable.chunks(ROWS_PER_STATEMENT) {
+            self.write_part(&mut tx, part, ctx).await?;
+        }
+        tx.commit().await?;
+        Ok(Written::default())
+    }
+
+    /// Locks, merges and writes up to [`ROWS_PER_STATEMENT`] deltas.
+    async fn write_part(
+        &self,
+        tx: &mut Transaction<'_>,
+        part: &[&Delta],
+        ctx: WriteContext,
+    ) -> Result<(), mysql_async::Error> {
+        let t = &self.table;
+        let placeholders = vec!["?"; part.len()].join(",");
+        let keys: Vec<Value> = part.iter().map(|d| Value::from(&*d.key)).collect();
+        type Raw = (
+            i64,
+            Vec<u8>,
+            Option<i64>,
+            Option<i64>,
+            Option<i64>,
+            Option<i64>,
+        );
+        let found: Vec<Raw> = tx
+            .exec(
+                format!(
+                    "SELECT id, sender, quota, used, expiry, persist FROM `{t}` \
+                     WHERE sender IN ({placeholders}) FOR UPDATE"
+                ),
+                Params::Positional(keys),
+            )
+            .await?;
+        let mut rows: HashMap<String, (i64, StoredRow)> = HashMap::with_capacity(found.len());
+        for (id, sender, quota, used, expiry, persist) in found {
+            let key = String::from_utf8_lossy(&sender).into_owned();
+            let row = StoredRow {
+                key: key.clone(),
+                quota: clamp_u32(quota.unwrap_or(0)),
+                used: clamp_u32(used.unwrap_or(0)),
+                expiry,
+                persist: persist.unwrap_or(0) != 0,
+            };
+            // A case-insensitive collation finds `Alice@x` for `alice@x`.
+            rows.entry(key.to_lowercase()).or_insert((id, row.clone()));
+            rows.insert(key, (id, row));
+        }
+        let mut updates: Vec<Value> = Vec::new();
+        let mut inserts: Vec<Value> = Vec::new();
+        let (mut n_updates, mut n_inserts) = (0, 0);
+        for d in part {
+            match rows.remove(&*d.key) {
+                Some((id, row)) => {
+                    let merged = merge_delta(Some(row.clone()), d, ctx.default_quota);
+                    if merged != row {
+                        updates.push(Value::from(id));
+                        push_row(&mut updates, &d.key, &merged);
+                        n_updates += 1;
+                    }
+                }
+                None => {
+                    let new = merge_delta(None, d, ctx.default_quota);
+                    push_row(&mut inserts, &d.key, &new);
+                    n_inserts += 1;
+                }
+            }
+        }
+        if n_updates > 0 {
+            let values = vec!["(?, ?, ?, ?, ?, ?, NOW())"; n_updates].join(",");
+            tx.exec_drop(
+                format!(
+                    "INSERT INTO `{t}` (id, sender, quota, used, expiry, persist, updated) \
+                     VALUES {values} ON DUPLICATE KEY UPDATE quota = VALUES(quota), \
+                     used = VALUES(used), expiry = VALUES(expiry), persist = VALUES(persist), \
+                     updated = NOW()"
+                ),
+                Params::Positional(updates),
+            )
+            .await?;
+        }
+        if n_inserts > 0 {
+            let values = vec!["(?, ?, ?, ?, ?, NOW())"; n_inserts].join(",");
+            tx.exec_drop(
+                format!(
+                    "INSERT INTO `{t}` (sender, quota, used, expiry, persist, updated) \
+                     VALUES {values}"
+                ),
+                Params::Positional(inserts),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Rows (all, or those updated at or after `since`), streamed from the
+    /// server and handed over in chunks of at most [`SCAN_CHUNK`]; stops
+    /// when `rows` is closed.
+    async fn select_rows(
+        &self,
+        since: Option<i64>,
+        rows: &mpsc::Sender<Vec<StoredRow>>,
+    ) -> Result<usize, BackendError> {
+        use futures_util::StreamExt;
         let mut conn = self.pool.get_conn().await.map_err(classify)?;
         let t = &self.table;
-        let mut sql = format!("SELECT sender, quota, used, expiry, persist FROM {t}");
+        let mut sql = format!("SELECT sender, quota, used, expiry, persist FROM `{t}`");
         let params = match since {
             Some(at) => {
                 sql.push_str(" WHERE updated >= FROM_UNIXTIME(?)");
@@ -134,30 +274,47 @@ impl MysqlBackend {
             }
             None => Params::Empty,
         };
-        let mut rows = Vec::new();
+        let mut n = 0usize;
         let mut bad = 0usize;
         let mut result = conn.exec_iter(sql, params).await.map_err(classify)?;
-        result
-            .for_each(|row| {
-                type Raw = (Vec<u8>, Option<i64>, Option<i64>, Option<i64>, Option<i64>);
-                match mysql_async::from_row_opt::<Raw>(row) {
-                    Ok((sender, quota, used, expiry, persist)) => rows.push(StoredRow {
-                        key: String::from_utf8_lossy(&sender).into_owned(),
-                        quota: clamp_u32(quota.unwrap_or(0)),
-                        used: clamp_u32(used.unwrap_or(0)),
-                        expiry,
-                        persist: persist.unwrap_or(0) != 0,
-                    }),
-                    Err(_) => bad += 1,
-                }
-            })
+        let Some(mut stream) = result
+            .stream::<mysql_async::Row>()
             .await
-            .map_err(classify)?;
+            .map_err(classify)?
+        else {
+            return Ok(0);
+        };
+        let mut chunk = Vec::with_capacity(SCAN_CHUNK);
+        while let Some(row) = stream.next().await {
+            type Raw = (Vec<u8>, Option<i64>, Option<i64>, Option<i64>, Option<i64>);
+            match mysql_async::from_row_opt::<Raw>(row.map_err(classify)?) {
+                Ok((sender, quota, used, expiry, persist)) => chunk.push(StoredRow {
+                    key: String::from_utf8_lossy(&sender).into_owned(),
+                    quota: clamp_u32(quota.unwrap_or(0)),
+                    used: clamp_u32(used.unwrap_or(0)),
+                    expiry,
+                    persist: persist.unwrap_or(0) != 0,
+                }),
+                Err(_) => bad += 1,
+            }
+            if chunk.len() == SCAN_CHUNK {
+                n += chunk.len();
+                let full = std::mem::replace(&mut chunk, Vec::with_capacity(SCAN_CHUNK));
+                if rows.send(full).await.is_err() {
+                    break;
+                }
+            }
+        }
+        drop(stream);
         drop(result);
+        if !chunk.is_empty() {
+            n += chunk.len();
+            let _ = rows.send(chunk).await;
+        }
         if bad > 0 {
             log::warn!("{bad} rows of {t} could not be read and were skipped");
         }
-        Ok(rows)
+        Ok(n)
     }
 
     async fn db_time(&self) -> Result<i64, BackendError> {
@@ -170,6 +327,66 @@ impl MysqlBackend {
             BackendError::Unavailable("SELECT UNIX_TIMESTAMP() returned nothing".into())
         })
     }
+
+    async fn inspect_now(&self) -> Result<Inspection, BackendError> {
+        let t = &self.table;
+        let mut conn = self.pool.get_conn().await.map_err(classify)?;
+        // The table and its columns (a missing one is fatal: 1146, 1054).
+        conn.query_drop(format!(
+            "SELECT id, sender, quota, used, expiry, persist, updated FROM `{t}` LIMIT 0"
+        ))
+        .await
+        .map_err(classify)?;
+        let mut warnings = Vec::new();
+        let batches_ok = match conn
+            .query_drop(format!(
+                "SELECT daemon, seq, applied FROM `{t}_batches` LIMIT 0"
+            ))
+            .await
+        {
+            Ok(()) => true,
+            Err(_) => match conn.query_drop(batches_ddl(t)).await {
+                Ok(()) => {
+                    crate::notice!("created table {t}_batches (flushes are recorded there, so none is applied twice)");
+                    true
+                }
+                Err(e) => {
+                    warnings.push(format!(
+                        "table {t}_batches is missing and cannot be created ({e}): a flush whose \
+                         outcome is unknown (connection lost during COMMIT) may be counted twice; \
+                         create it with schema-migrate.sql"
+                    ));
+                    false
+                }
+            },
+        };
+        self.batches.store(batches_ok, Ordering::Relaxed);
+        let extra: Option<String> = conn
+            .exec_first(
+                "SELECT EXTRA FROM information_schema.COLUMNS \
+                 WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? AND COLUMN_NAME = 'updated'",
+                (t.as_ref(),),
+            )
+            .await
+            .map_err(classify)?;
+        if !extra.is_some_and(|e| e.to_ascii_lowercase().contains("on update")) {
+            warnings.push(format!(
+                "{t}.updated has no ON UPDATE CURRENT_TIMESTAMP: edits made in the database that \
+                 do not set `updated` take effect at the next full re-read \
+                 (database.reconcile_interval), not within refresh_interval; schema-migrate.sql \
+                 adds it"
+            ));
+        }
+        Ok(Inspection { warnings })
+    }
+}
+
+fn push_row(params: &mut Vec<Value>, key: &str, row: &StoredRow) {
+    params.push(Value::from(key));
+    params.push(Value::from(row.quota));
+    params.push(Value::from(row.used));
+    params.push(Value::from(row.expiry.unwrap_or(0).max(0)));
+    params.push(Value::from(row.persist));
 }
 
 /// Whether the Perl schema's `sender VARCHAR(255) utf8` can hold `key`.
@@ -177,49 +394,14 @@ fn storable(key: &str) -> bool {
     key.chars().count() <= MAX_KEY_CHARS && key.chars().all(|c| c.len_utf8() <= 3)
 }
 
-/// The statement for `rows` deltas with the given admin flags; the flags are
-/// part of the text, so each combination is its own prepared statement.
-fn upsert_sql(table: &str, rows: usize, reset_used: bool, set_quota: bool) -> String {
-    let mut sql =
-        format!("INSERT INTO {table} (sender, quota, used, expiry, persist, updated) VALUES ");
-    for i in 0..rows {
-        if i > 0 {
-            sql.push(',');
-        }
-        sql.push_str("(?, ?, ?, ?, ?, NOW())");
-    }
-    let older = "(expiry IS NULL OR expiry < VALUES(expiry))";
-    let same_window_used = if reset_used {
-        "VALUES(used)"
-    } else {
-        "LEAST(used + VALUES(used), 4294967295)"
-    };
-    let (quota, persist) = if set_quota {
-        ("VALUES(quota)".to_string(), "VALUES(persist)")
-    } else {
-        (
-            format!("CASE WHEN {older} AND persist = 0 THEN ? ELSE quota END"),
-            "persist",
-        )
-    };
-    // Order matters in MySQL: each assignment sees the ones before it, so
-    // `used`, `quota` and `persist` are computed from the old `expiry` and
-    // `persist`, and `expiry` comes last.
-    sql.push_str(&format!(
-        " ON DUPLICATE KEY UPDATE \
-         used = CASE WHEN {older} THEN VALUES(used) \
-                     WHEN expiry = VALUES(expiry) THEN {same_window_used} \
-                     ELSE used END, \
-         quota = {quota}, \
-         persist = {persist}, \
-         expiry = CASE WHEN {older} THEN VALUES(expiry) ELSE expiry END, \
-         updated = NOW()"
-    ));
-    sql
-}
-
 fn clamp_u32(v: i64) -> u32 {
     u32::try_from(v.max(0)).unwrap_or(u32::MAX)
+}
+
+/// Deadlock (1213, also a Galera certification failure) and lock wait
+/// timeout (1205): the transaction can simply be tried again.
+fn retryable(e: &mysql_async::Error) -> bool {
+    matches!(e, mysql_async::Error::Server(s) if matches!(s.code, 1205 | 1213))
 }
 
 /// Server errors about the schema or the statement are permanent; the rest
@@ -237,60 +419,108 @@ fn classify(e: mysql_async::Error) -> BackendError {
     }
 }
 
-async fn bounded<T>(
-    limit: Duration,
-    what: &str,
-    op: impl std::future::Future<Output = Result<T, BackendError>>,
-) -> Result<T, BackendError> {
-    match tokio::time::timeout(limit, op).await {
-        Ok(r) => r,
-        Err(_) => Err(BackendError::Unavailable(format!(
-            "mysql: {what} took longer than {limit:?}"
-        ))),
-    }
-}
-
 impl Backend for MysqlBackend {
     fn name(&self) -> &'static str {
         "mysql"
     }
 
-    async fn load_all(&self) -> Result<Vec<StoredRow>, BackendError> {
-        bounded(LOAD_TIMEOUT, "loading every row", self.select_rows(None)).await
+    async fn inspect(&self) -> Result<Inspection, BackendError> {
+        self.bounded(self.timeout, "checking the tables", self.inspect_now())
+            .await
+    }
+
+    async fn scan(&self, rows: mpsc::Sender<Vec<StoredRow>>) -> Result<usize, BackendError> {
+        self.bounded(
+            LOAD_TIMEOUT,
+            "reading every row",
+            self.select_rows(None, &rows),
+        )
+        .await
     }
 
     async fn load_changed(
         &self,
         since: Option<i64>,
     ) -> Result<Option<(Vec<StoredRow>, i64)>, BackendError> {
-        bounded(OP_TIMEOUT, "a refresh", async {
+        self.bounded(self.timeout, "a refresh", async {
             let now = self.db_time().await?;
-            let rows = match since {
-                Some(at) => self.select_rows(Some(at)).await?,
-                None => Vec::new(),
-            };
+            let mut rows = Vec::new();
+            if let Some(at) = since {
+                let (tx, mut rx) = mpsc::channel(4);
+                let read = async move {
+                    // The sender is dropped when the read ends, which ends
+                    // the collecting loop.
+                    self.select_rows(Some(at), &tx).await
+                };
+                let collect = async {
+                    while let Some(chunk) = rx.recv().await {
+                        rows.extend(chunk);
+                    }
+                };
+                let (read, ()) = tokio::join!(read, collect);
+                read?;
+            }
             Ok(Some((rows, now)))
         })
         .await
     }
 
-    async fn write(
-        &self,
-        deltas: Arc<Vec<Delta>>,
-        ctx: WriteContext,
-    ) -> Result<(), (usize, BackendError)> {
-        let mut done = 0;
-        for chunk in deltas.chunks(MAX_BATCH_ROWS) {
-            bounded(
-                OP_TIMEOUT,
-                "a write transaction",
-                self.write_chunk(chunk, ctx),
+    async fn write(&self, batch: Arc<Batch>, ctx: WriteContext) -> Result<Written, BackendError> {
+        let mut skipped = Vec::new();
+        let mut storable_deltas = Vec::with_capacity(batch.deltas.len());
+        for (i, d) in batch.deltas.iter().enumerate() {
+            if storable(&d.key) {
+                storable_deltas.push(d);
+            } else {
+                skipped.push(i);
+                log::warn!(
+                    "key {} cannot be stored in MySQL (over {MAX_KEY_CHARS} characters or 4-byte UTF-8); \
+                     it is limited in memory only",
+                    crate::protocol::Escaped(&d.key)
+                );
+            }
+        }
+        let attempts = async {
+            let mut attempt = 1;
+            loop {
+                match self.write_once(&batch, ctx, &storable_deltas).await {
+                    Ok(written) => return Ok(written),
+                    Err(e) if retryable(&e) && attempt < ATTEMPTS => {
+                        log::debug!("mysql: {e}; trying the transaction again");
+                        attempt += 1;
+                        let jitter = 50 + u64::from(batch.id.seq as u32 % 250);
+                        tokio::time::sleep(Duration::from_millis(jitter)).await;
+                    }
+                    Err(e) => return Err(classify(e)),
+                }
+            }
+        };
+        let mut written = self
+            .bounded(self.timeout, "a write transaction", attempts)
+            .await?;
+        written.skipped = skipped;
+        Ok(written)
+    }
+
+    async fn prune_batches(&self, max_age_secs: i64) -> Result<(), BackendError> {
+        if !self.batches.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let t = &self.table;
+        self.bounded(self.timeout, "removing old batch ids", async {
+            let mut conn = self.pool.get_conn().await.map_err(classify)?;
+            conn.exec_drop(
+                format!("DELETE FROM `{t}_batches` WHERE applied < NOW() - INTERVAL ? SECOND"),
+                (max_age_secs,),
             )
             .await
-            .map_err(|e| (done, e))?;
-            done += chunk.len();
-        }
-        Ok(())
+            .map_err(classify)
+        })
+        .await
+    }
+
+    async fn close(&self) {
+        let _ = self.pool.clone().disconnect().await;
     }
 }
 
@@ -307,35 +537,20 @@ mod tests {
     }
 
     #[test]
-    fn statements_assign_expiry_last_and_take_flags_as_text() {
-        let sql = upsert_sql("ratelimit", 2, false, false);
-        assert_eq!(sql.matches("(?, ?, ?, ?, ?, NOW())").count(), 2);
-        let update = sql.split("ON DUPLICATE KEY UPDATE").nth(1).unwrap();
-        // Assignments are separated by ", "; the first follows "UPDATE ".
-        let pos = |col: &str| {
-            update
-                .find(&format!(", {col} ="))
-                .or_else(|| {
-                    update
-                        .trim_start()
-                        .starts_with(&format!("{col} ="))
-                        .then_some(0)
-                })
-                .unwrap_or_else(|| panic!("no assignment to {col}: {update}"))
+    fn only_lock_conflicts_are_retried() {
+        let server = |code| {
+            mysql_async::Error::Server(mysql_async::ServerError {
+                code,
+                message: String::new(),
+                state: String::new(),
+            })
         };
-        assert!(
-            pos("used") < pos("quota")
-                && pos("quota") < pos("persist")
-                && pos("persist") < pos("expiry")
-        );
-        assert!(
-            update.contains("LEAST(used + VALUES(used)") && update.contains("THEN ? ELSE quota")
-        );
-        let admin = upsert_sql("ratelimit", 1, true, true);
-        assert!(admin.contains("THEN VALUES(used)") && admin.contains("quota = VALUES(quota)"));
-        assert!(
-            !admin.contains("THEN ? ELSE quota"),
-            "no default-quota parameter"
-        );
+        assert!(retryable(&server(1213)) && retryable(&server(1205)));
+        assert!(!retryable(&server(1062)) && !retryable(&server(1142)));
+        assert!(matches!(classify(server(1146)), BackendError::Fatal(_)));
+        assert!(matches!(
+            classify(server(1142)),
+            BackendError::Unavailable(_)
+        ));
     }
 }

@@ -1,21 +1,31 @@
 //! The embedded SQLite [`Backend`]: the default store, needing no server.
 //!
-//! The table has the Perl daemon's columns (`sender`, `quota`, `used`,
-//! `updated`, `expiry`, `persist`) and is created if missing. The file is used
-//! in WAL mode with a bounded busy timeout, so a lock held by another process
-//! delays a flush by at most that long, and never a request (requests never
-//! touch the database). After an error the connection is reopened on the next
-//! try, which recovers from a file that was replaced or a disk that came back.
+//! - The table has the Perl daemon's columns (`sender`, `quota`, `used`,
+//!   `updated`, `expiry`, `persist`) and is created if missing, with the
+//!   batch table (`<table>_batches`) and a trigger that sets `updated` when
+//!   a row is edited by hand without it (`sqlite3 … "UPDATE ratelimit SET
+//!   quota = 0 …"`), so a refresh sees such an edit.
+//! - **Durable**: WAL with `synchronous = FULL`, so a committed flush is on
+//!   disk (one fsync of the WAL per transaction) and survives a power cut.
+//! - **Writes**: one `BEGIN IMMEDIATE` transaction per batch: record the
+//!   batch id (already there: the batch was applied, nothing else is done),
+//!   then per delta read the row, apply [`merge_delta`], write the result.
+//! - A lock held by another process delays a flush by at most
+//!   `BUSY_TIMEOUT` (2 s), and never a request. After an error the connection is
+//!   reopened on the next try, which recovers from a file that was replaced
+//!   or a disk that came back.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use rusqlite::{params, Connection, ErrorCode, OpenFlags};
+use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior};
 
-use super::{Backend, BackendError, WriteContext, MAX_BATCH_ROWS};
-use crate::store::{Delta, StoredRow};
+use tokio::sync::mpsc;
+
+use super::{merge_delta, Backend, BackendError, Batch, WriteContext, Written, SCAN_CHUNK};
+use crate::store::StoredRow;
 
 /// How long a statement waits for a lock held by another connection.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(2);
@@ -73,10 +83,24 @@ impl SqliteBackend {
         })
     }
 
-    /// The database file.
-    pub fn path(&self) -> &Path {
-        &self.inner.path
+    /// Runs blocking work on the connection in a blocking thread.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Inner) -> Result<T, BackendError> + Send + 'static,
+    ) -> Result<T, BackendError> {
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || f(&inner))
+            .await
+            .map_err(|e| BackendError::Unavailable(format!("sqlite task failed: {e}")))?
     }
+}
+
+/// `YYYY-MM-DD HH:MM:SS` in UTC, SQLite's CURRENT_TIMESTAMP format.
+fn timestamp(unix: i64) -> String {
+    chrono::DateTime::from_timestamp(unix, 0)
+        .unwrap_or_default()
+        .format("%Y-%m-%d %H:%M:%S")
+        .to_string()
 }
 
 impl Inner {
@@ -94,7 +118,9 @@ impl Inner {
         // or foreign file fails here, with a clear error.
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(what)?;
-        conn.pragma_update(None, "synchronous", "NORMAL")
+        // FULL: the WAL is synced at every commit, so a committed flush
+        // survives a power cut (NORMAL would sync only at checkpoints).
+        conn.pragma_update(None, "synchronous", "FULL")
             .map_err(what)?;
         let t = &self.table;
         conn.execute_batch(&format!(
@@ -107,7 +133,19 @@ impl Inner {
                 expiry INTEGER,
                 persist INTEGER NOT NULL DEFAULT 0
             );
-            CREATE INDEX IF NOT EXISTS {t}_updated ON {t} (updated);"
+            CREATE INDEX IF NOT EXISTS {t}_updated ON {t} (updated);
+            CREATE TABLE IF NOT EXISTS {t}_batches (
+                daemon INTEGER NOT NULL,
+                seq INTEGER NOT NULL,
+                applied TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP,
+                PRIMARY KEY (daemon, seq)
+            );
+            CREATE TRIGGER IF NOT EXISTS {t}_touch
+                AFTER UPDATE OF sender, quota, used, expiry, persist ON {t}
+                WHEN NEW.updated IS OLD.updated
+                BEGIN
+                    UPDATE {t} SET updated = CURRENT_TIMESTAMP WHERE id = NEW.id;
+                END;"
         ))
         .map_err(what)?;
         Ok(conn)
@@ -131,90 +169,160 @@ impl Inner {
         result
     }
 
-    fn load_all(&self) -> Result<Vec<StoredRow>, BackendError> {
+    /// Rows (all, or those updated at or after `since`), handed to `each`
+    /// one by one; `each` returns false to stop.
+    fn select(
+        &self,
+        since: Option<&str>,
+        mut each: impl FnMut(StoredRow) -> bool,
+    ) -> Result<usize, BackendError> {
         self.with_conn(|conn| {
             let what = |e| classify(&self.path, e);
-            let mut stmt = conn
-                .prepare(&format!(
-                    "SELECT sender, quota, used, expiry, persist FROM {}",
-                    self.table
-                ))
-                .map_err(what)?;
-            let rows = stmt
-                .query_map([], |r| {
-                    Ok(StoredRow {
-                        key: r.get(0)?,
-                        quota: clamp_u32(r.get::<_, Option<i64>>(1)?.unwrap_or(0)),
-                        used: clamp_u32(r.get::<_, Option<i64>>(2)?.unwrap_or(0)),
-                        expiry: r.get(3)?,
-                        persist: r.get::<_, Option<i64>>(4)?.unwrap_or(0) != 0,
-                    })
-                })
-                .map_err(what)?;
-            rows.collect::<Result<Vec<_>, _>>().map_err(what)
+            let t = &self.table;
+            let mut sql = format!("SELECT sender, quota, used, expiry, persist FROM {t}");
+            if since.is_some() {
+                sql.push_str(" WHERE updated >= ?1");
+            }
+            let mut stmt = conn.prepare(&sql).map_err(what)?;
+            let mut rows = match since {
+                Some(at) => stmt.query([at]),
+                None => stmt.query([]),
+            }
+            .map_err(what)?;
+            let mut n = 0;
+            while let Some(r) = rows.next().map_err(what)? {
+                let row = StoredRow {
+                    key: r.get(0).map_err(what)?,
+                    quota: clamp_u32(r.get::<_, Option<i64>>(1).map_err(what)?.unwrap_or(0)),
+                    used: clamp_u32(r.get::<_, Option<i64>>(2).map_err(what)?.unwrap_or(0)),
+                    expiry: r.get(3).map_err(what)?,
+                    persist: r.get::<_, Option<i64>>(4).map_err(what)?.unwrap_or(0) != 0,
+                };
+                n += 1;
+                if !each(row) {
+                    break;
+                }
+            }
+            Ok(n)
         })
     }
 
-    fn write(&self, deltas: &[Delta], ctx: WriteContext) -> Result<(), (usize, BackendError)> {
-        let mut done = 0;
-        let sql = upsert_sql(&self.table);
-        let updated = chrono::DateTime::from_timestamp(ctx.now, 0)
-            .unwrap_or_default()
-            .format("%Y-%m-%d %H:%M:%S")
-            .to_string();
-        let result = self.with_conn(|conn| {
+    fn now(&self) -> Result<i64, BackendError> {
+        self.with_conn(|conn| {
+            conn.query_row("SELECT CAST(strftime('%s', 'now') AS INTEGER)", [], |r| {
+                r.get(0)
+            })
+            .map_err(|e| classify(&self.path, e))
+        })
+    }
+
+    fn write(&self, batch: &Batch, ctx: WriteContext) -> Result<Written, BackendError> {
+        let t = &self.table;
+        let updated = timestamp(ctx.now);
+        self.with_conn(|conn| {
             let what = |e| classify(&self.path, e);
-            for chunk in deltas.chunks(MAX_BATCH_ROWS) {
-                let tx = conn.transaction().map_err(what)?;
-                {
-                    let mut stmt = tx.prepare_cached(&sql).map_err(what)?;
-                    for d in chunk {
-                        stmt.execute(params![
-                            &*d.key,
-                            d.quota,
-                            d.delta,
-                            d.window_expiry,
-                            d.persist,
-                            updated,
-                            ctx.default_quota,
-                            d.reset_used,
-                            d.set_quota
-                        ])
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(what)?;
+            let recorded = tx.execute(
+                &format!("INSERT INTO {t}_batches (daemon, seq) VALUES (?1, ?2)"),
+                params![batch.id.daemon as i64, batch.id.seq as i64],
+            );
+            match recorded {
+                Ok(_) => {}
+                Err(e) if e.sqlite_error_code() == Some(ErrorCode::ConstraintViolation) => {
+                    // Applied by an earlier attempt; dropping `tx` rolls back.
+                    return Ok(Written {
+                        replayed: true,
+                        skipped: Vec::new(),
+                    });
+                }
+                Err(e) => return Err(what(e)),
+            }
+            {
+                let mut find = tx
+                    .prepare_cached(&format!(
+                        "SELECT id, quota, used, expiry, persist FROM {t} WHERE sender = ?1"
+                    ))
+                    .map_err(what)?;
+                let mut update = tx
+                    .prepare_cached(&format!(
+                        "UPDATE {t} SET quota = ?2, used = ?3, expiry = ?4, persist = ?5, updated = ?6 \
+                         WHERE id = ?1"
+                    ))
+                    .map_err(what)?;
+                let mut insert = tx
+                    .prepare_cached(&format!(
+                        "INSERT INTO {t} (sender, quota, used, expiry, persist, updated) \
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
+                    ))
+                    .map_err(what)?;
+                for d in &batch.deltas {
+                    let found = find
+                        .query_row([&*d.key], |r| {
+                            Ok((
+                                r.get::<_, i64>(0)?,
+                                StoredRow {
+                                    key: d.key.to_string(),
+                                    quota: clamp_u32(r.get::<_, Option<i64>>(1)?.unwrap_or(0)),
+                                    used: clamp_u32(r.get::<_, Option<i64>>(2)?.unwrap_or(0)),
+                                    expiry: r.get(3)?,
+                                    persist: r.get::<_, Option<i64>>(4)?.unwrap_or(0) != 0,
+                                },
+                            ))
+                        })
+                        .optional()
                         .map_err(what)?;
+                    match found {
+                        Some((id, row)) => {
+                            let merged = merge_delta(Some(row.clone()), d, ctx.default_quota);
+                            if merged != row {
+                                update
+                                    .execute(params![
+                                        id,
+                                        merged.quota,
+                                        merged.used,
+                                        merged.expiry,
+                                        merged.persist,
+                                        updated
+                                    ])
+                                    .map_err(what)?;
+                            }
+                        }
+                        None => {
+                            let new = merge_delta(None, d, ctx.default_quota);
+                            insert
+                                .execute(params![
+                                    new.key,
+                                    new.quota,
+                                    new.used,
+                                    new.expiry,
+                                    new.persist,
+                                    updated
+                                ])
+                                .map_err(what)?;
+                        }
                     }
                 }
-                tx.commit().map_err(what)?;
-                done += chunk.len();
             }
-            Ok(())
-        });
-        result.map_err(|e| (done, e))
+            tx.commit().map_err(what)?;
+            Ok(Written::default())
+        })
     }
-}
 
-/// The statement that applies one delta, following
-/// [`super::merge_delta`]. In SQLite every SET expression sees the old row.
-fn upsert_sql(table: &str) -> String {
-    // ?1 sender, ?2 quota, ?3 delta, ?4 window expiry, ?5 persist, ?6 updated,
-    // ?7 default quota, ?8 reset_used, ?9 set_quota.
-    format!(
-        "INSERT INTO {table} (sender, quota, used, expiry, persist, updated) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-         ON CONFLICT (sender) DO UPDATE SET
-           used = CASE
-             WHEN expiry IS NULL OR expiry < excluded.expiry THEN excluded.used
-             WHEN expiry = excluded.expiry AND ?8 THEN excluded.used
-             WHEN expiry = excluded.expiry THEN MIN(used + excluded.used, 4294967295)
-             ELSE used END,
-           quota = CASE
-             WHEN ?9 THEN excluded.quota
-             WHEN (expiry IS NULL OR expiry < excluded.expiry) AND persist = 0 THEN ?7
-             ELSE quota END,
-           persist = CASE WHEN ?9 THEN excluded.persist ELSE persist END,
-           expiry = CASE
-             WHEN expiry IS NULL OR expiry < excluded.expiry THEN excluded.expiry
-             ELSE expiry END,
-           updated = excluded.updated"
-    )
+    fn prune_batches(&self, max_age_secs: i64) -> Result<(), BackendError> {
+        let t = &self.table;
+        self.with_conn(|conn| {
+            conn.execute(
+                &format!(
+                    "DELETE FROM {t}_batches WHERE applied < datetime('now', '-' || ?1 || ' seconds')"
+                ),
+                [max_age_secs],
+            )
+            .map(|_| ())
+            .map_err(|e| classify(&self.path, e))
+        })
+    }
 }
 
 fn clamp_u32(v: i64) -> u32 {
@@ -234,41 +342,83 @@ impl Backend for SqliteBackend {
         "sqlite"
     }
 
-    async fn load_all(&self) -> Result<Vec<StoredRow>, BackendError> {
-        let inner = Arc::clone(&self.inner);
-        tokio::task::spawn_blocking(move || inner.load_all())
-            .await
-            .map_err(|e| BackendError::Unavailable(format!("sqlite load task failed: {e}")))?
+    async fn scan(&self, rows: mpsc::Sender<Vec<StoredRow>>) -> Result<usize, BackendError> {
+        self.blocking(move |inner| {
+            let mut chunk = Vec::with_capacity(SCAN_CHUNK);
+            let mut open = true;
+            let n = inner.select(None, |row| {
+                chunk.push(row);
+                if chunk.len() == SCAN_CHUNK {
+                    let full = std::mem::replace(&mut chunk, Vec::with_capacity(SCAN_CHUNK));
+                    open = rows.blocking_send(full).is_ok();
+                }
+                open
+            })?;
+            if open && !chunk.is_empty() {
+                let _ = rows.blocking_send(chunk);
+            }
+            Ok(n)
+        })
+        .await
     }
 
-    async fn write(
+    async fn load_changed(
         &self,
-        deltas: Arc<Vec<Delta>>,
-        ctx: WriteContext,
-    ) -> Result<(), (usize, BackendError)> {
-        let inner = Arc::clone(&self.inner);
-        tokio::task::spawn_blocking(move || inner.write(&deltas, ctx))
+        since: Option<i64>,
+    ) -> Result<Option<(Vec<StoredRow>, i64)>, BackendError> {
+        self.blocking(move |inner| {
+            let now = inner.now()?;
+            let mut rows = Vec::new();
+            if let Some(at) = since {
+                inner.select(Some(&timestamp(at)), |row| {
+                    rows.push(row);
+                    true
+                })?;
+            }
+            Ok(Some((rows, now)))
+        })
+        .await
+    }
+
+    async fn write(&self, batch: Arc<Batch>, ctx: WriteContext) -> Result<Written, BackendError> {
+        self.blocking(move |inner| inner.write(&batch, ctx)).await
+    }
+
+    async fn prune_batches(&self, max_age_secs: i64) -> Result<(), BackendError> {
+        self.blocking(move |inner| inner.prune_batches(max_age_secs))
             .await
-            .map_err(|e| {
-                (
-                    0,
-                    BackendError::Unavailable(format!("sqlite write task failed: {e}")),
-                )
-            })?
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::persist::merge_delta;
+    use crate::persist::BatchId;
+    use crate::store::Delta;
+
+    fn delta(key: &str, delta: u32) -> Delta {
+        Delta {
+            key: key.into(),
+            delta,
+            window_expiry: 100,
+            quota: 10,
+            persist: false,
+            set_quota: false,
+            reset_used: false,
+        }
+    }
+
+    const CTX: WriteContext = WriteContext {
+        default_quota: 50,
+        now: 1_700_000_000,
+    };
 
     /// SQLite applies exactly the rule of `merge_delta`: every shape of
     /// stored row (none, same, older, NULL and newer window, with and without
     /// persist) times every kind of delta (plain, admin reset, admin quota,
     /// both).
     #[tokio::test]
-    async fn sql_follows_the_merge_rule() {
+    async fn writes_follow_the_merge_rule() {
         let dir = tempfile::tempdir().unwrap();
         let db = SqliteBackend::open(&dir.path().join("t.db"), "ratelimit").unwrap();
         // (name, stored (used, expiry, persist))
@@ -298,13 +448,10 @@ mod tests {
                     });
                 }
                 deltas.push(Delta {
-                    key: key.into(),
-                    delta: 3,
-                    window_expiry: 100,
-                    quota: 10,
                     persist: set_quota,
                     set_quota,
                     reset_used,
+                    ..delta(&key, 3)
                 });
             }
         }
@@ -319,11 +466,11 @@ mod tests {
                 .unwrap();
             }
         }
-        let ctx = WriteContext {
-            default_quota: 50,
-            now: 1_700_000_000,
+        let batch = Batch {
+            id: BatchId::first(),
+            deltas: deltas.clone(),
         };
-        db.write(Arc::new(deltas.clone()), ctx).await.unwrap();
+        db.write(Arc::new(batch), CTX).await.unwrap();
         let mut got = db.load_all().await.unwrap();
         got.sort_by(|a, b| a.key.cmp(&b.key));
         let mut want: Vec<StoredRow> = deltas
@@ -332,6 +479,57 @@ mod tests {
             .collect();
         want.sort_by(|a, b| a.key.cmp(&b.key));
         assert_eq!(got, want);
+    }
+
+    #[tokio::test]
+    async fn a_batch_sent_twice_is_applied_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = SqliteBackend::open(&dir.path().join("t.db"), "ratelimit").unwrap();
+        let batch = Arc::new(Batch {
+            id: BatchId::first(),
+            deltas: vec![delta("a", 3)],
+        });
+        assert!(!db.write(Arc::clone(&batch), CTX).await.unwrap().replayed);
+        assert!(db.write(Arc::clone(&batch), CTX).await.unwrap().replayed);
+        assert_eq!(db.load_all().await.unwrap()[0].used, 3);
+        let next = Arc::new(Batch {
+            id: batch.id.next(),
+            ..(*batch).clone()
+        });
+        assert!(!db.write(next, CTX).await.unwrap().replayed);
+        assert_eq!(db.load_all().await.unwrap()[0].used, 6);
+        db.prune_batches(0).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn hand_edits_without_updated_are_refreshed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let db = SqliteBackend::open(&path, "ratelimit").unwrap();
+        let batch = Batch {
+            id: BatchId::first(),
+            deltas: vec![delta("a", 3)],
+        };
+        // Written with an old `updated` (the clock of the writer).
+        let old = WriteContext {
+            now: 1_600_000_000,
+            ..CTX
+        };
+        db.write(Arc::new(batch), old).await.unwrap();
+        let (_, at) = db.load_changed(None).await.unwrap().unwrap();
+        let (rows, _) = db.load_changed(Some(at)).await.unwrap().unwrap();
+        assert!(rows.is_empty(), "nothing changed since");
+        rusqlite::Connection::open(&path)
+            .unwrap()
+            .execute("UPDATE ratelimit SET quota = 0, persist = 1", [])
+            .unwrap();
+        let (rows, _) = db.load_changed(Some(at)).await.unwrap().unwrap();
+        assert_eq!(
+            rows.iter()
+                .map(|r| (r.quota, r.persist))
+                .collect::<Vec<_>>(),
+            [(0, true)]
+        );
     }
 
     #[tokio::test]

@@ -30,6 +30,12 @@ pub struct Counter {
     /// The first refusal of this window has been reported (one warning line
     /// per sender and window, however many requests it sends).
     pub refusal_reported: bool,
+    /// The backend has a row for this key (it was loaded from it, or a
+    /// flush wrote it). A full re-read that does not see the row any more
+    /// knows an administrator deleted it.
+    pub stored: bool,
+    /// The generation of the last full re-read that saw this key's row.
+    pub mark: u8,
 }
 
 /// The limit parameters counter arithmetic needs.
@@ -63,6 +69,8 @@ impl Counter {
             set_quota: false,
             reset_used: false,
             refusal_reported: false,
+            stored: false,
+            mark: 0,
         }
     }
 

@@ -10,8 +10,12 @@
 //! - the time is always passed in; the store never reads a clock;
 //! - an owned key is allocated only when a key is new: lookups borrow `&str`;
 //! - `Counter::pending` is usage not yet in the backend; [`CounterStore::take_dirty`]
-//!   hands it out as deltas and [`CounterStore::restore`] takes back the
-//!   deltas of a failed write, so nothing is lost while the backend is away.
+//!   hands it out as deltas, which from then on belong to the flusher until
+//!   the backend has confirmed them (it keeps and re-sends a batch that
+//!   failed, so nothing is lost or doubled while the backend is away);
+//! - everything that merges database rows into the map
+//!   ([`CounterStore::merge_stored`], [`CounterStore::forget_unseen`]) is
+//!   called by that one task only, never halfway through one of its writes.
 
 pub mod counter;
 pub mod window;
@@ -162,19 +166,22 @@ impl CounterStore {
         }
     }
 
-    /// Puts a row loaded from the backend into the map, replacing what was there.
-    pub fn load(&self, row: StoredRow) {
+    /// Puts a row loaded from the backend into the map, replacing what was
+    /// there; `mark` is the generation of the full re-read that saw it.
+    pub fn load(&self, row: StoredRow, mark: u8) {
         let counter = Counter {
             used: row.used,
             persist: row.persist,
+            stored: true,
+            mark,
             ..Counter::new(row.quota, row.expiry.unwrap_or(0))
         };
         self.map.insert(row.key.into_boxed_str(), counter);
     }
 
     /// Takes the usage of every changed counter, leaving its `pending` at 0.
-    /// The caller must write the deltas or give them back with
-    /// [`CounterStore::restore`].
+    /// From then on the deltas belong to the caller (the flusher), which
+    /// keeps them until the backend has confirmed them.
     pub fn take_dirty(&self) -> Vec<Delta> {
         let mut out = Vec::new();
         for mut entry in self.map.iter_mut() {
@@ -198,25 +205,42 @@ impl CounterStore {
         out
     }
 
-    /// Gives back deltas that could not be written. A delta whose window has
-    /// ended meanwhile is dropped with it: the window no longer limits anything.
-    /// Returns how many deltas were put back.
-    pub fn restore(&self, deltas: Vec<Delta>) -> usize {
-        let mut restored = 0;
-        for d in deltas {
-            if let Some(mut c) = self.map.get_mut(&*d.key) {
-                // An admin's quota is written whatever the window.
-                c.set_quota |= d.set_quota;
-                if c.expiry == d.window_expiry {
-                    c.pending = c.pending.saturating_add(d.delta);
-                    c.reset_used |= d.reset_used;
-                    restored += 1;
-                } else if d.set_quota {
-                    restored += 1;
-                }
+    /// Notes that the backend now has a row for each of `keys` (a flush
+    /// wrote them).
+    pub fn mark_stored<'k>(&self, keys: impl IntoIterator<Item = &'k str>) {
+        for key in keys {
+            if let Some(mut c) = self.map.get_mut(key) {
+                c.stored = true;
             }
         }
-        restored
+    }
+
+    /// After a full re-read of generation `mark`: a counter whose row the
+    /// backend had (`stored`) but that re-read did not see was deleted by an
+    /// administrator. With nothing pending it is dropped (its sender is new
+    /// again); with units counted since the re-read began it starts over as
+    /// a new sender holding just those units. A counter with an
+    /// administrator's change waiting to be written is left alone: the next
+    /// flush writes its row again. Returns how many were forgotten.
+    pub fn forget_unseen(&self, mark: u8, default_quota: u32) -> usize {
+        let before = self.map.len();
+        let mut reset = 0;
+        self.map.retain(|_, c| {
+            if !c.stored || c.mark == mark || c.set_quota || c.reset_used {
+                return true;
+            }
+            if c.pending == 0 {
+                return false;
+            }
+            *c = Counter {
+                used: c.pending,
+                pending: c.pending,
+                ..Counter::new(default_quota, c.expiry)
+            };
+            reset += 1;
+            true
+        });
+        before.saturating_sub(self.map.len()) + reset
     }
 
     /// Removes counters that carry no information: window over, nothing
@@ -278,11 +302,16 @@ impl CounterStore {
         changed
     }
 
-    /// Merges a row read from the backend (initial load, refresh, reload).
+    /// Merges a row read from the backend (initial load, refresh, full
+    /// re-read).
     /// The database is the authority for `quota` and `persist` — except while
     /// an administrator's change made here waits to be written — and for
-    /// `used`, to which the usage not yet written from here is added. Which
-    /// window counts is decided by what has finished at `now`:
+    /// `used`, to which the usage not yet written from here is added: the
+    /// counter's `pending`, and `unconfirmed` = (window end, units) taken by
+    /// a flush the backend has not confirmed yet (counted as not stored: if
+    /// that flush did commit, memory counts them twice until it is
+    /// confirmed, which errs on the side of refusing). Which window counts
+    /// is decided by what has finished at `now`:
     ///
     /// - key not in memory: the row is taken as it is;
     /// - same window: `used` = stored `used` + `pending` (the stored value
@@ -296,17 +325,31 @@ impl CounterStore {
     ///   usage is written into it;
     /// - the stored window has finished: ours is the current one and ours to
     ///   write; only a persistent quota is taken from the row.
-    pub fn merge_stored(&self, row: StoredRow, now: i64) {
+    ///
+    /// The counter is marked as stored and seen by the re-read `mark`.
+    pub fn merge_stored(
+        &self,
+        row: StoredRow,
+        now: i64,
+        mark: u8,
+        unconfirmed: Option<(i64, u32)>,
+    ) {
         let Some(mut c) = self.map.get_mut(row.key.as_str()) else {
-            self.load(row);
+            self.load(row, mark);
             return;
         };
+        c.stored = true;
+        c.mark = mark;
         let expiry = row.expiry.unwrap_or(0);
         let take_quota = !c.set_quota;
         if expiry == c.expiry || (expiry > now && c.expiry > now) {
+            let in_flight = match unconfirmed {
+                Some((window, units)) if window == c.expiry => units,
+                _ => 0,
+            };
             c.expiry = expiry;
             if !c.reset_used {
-                c.used = row.used.saturating_add(c.pending);
+                c.used = row.used.saturating_add(c.pending).saturating_add(in_flight);
             }
         } else if expiry > now {
             c.used = row.used;
@@ -437,7 +480,7 @@ mod tests {
     }
 
     #[test]
-    fn dirty_deltas_are_taken_once_and_restored_on_failure() {
+    fn dirty_deltas_are_taken_once() {
         let s = CounterStore::new();
         let l = limit(10);
         s.check_and_increment("a", 3, 10, &l);
@@ -452,47 +495,83 @@ mod tests {
         );
         assert!(s.take_dirty().is_empty());
         s.check_and_increment("a", 1, 20, &l);
-        assert_eq!(s.restore(d), 2);
-        assert_eq!(s.get("a").unwrap().pending, 4);
-        assert_eq!(s.pending(), (5, 2));
+        assert_eq!(s.pending(), (1, 1));
+        assert_eq!(s.get("a").unwrap().used, 4, "used keeps everything");
     }
 
     #[test]
-    fn restore_drops_deltas_of_finished_windows() {
+    fn rows_deleted_in_the_database_are_forgotten() {
         let s = CounterStore::new();
         let l = limit(10);
-        s.check_and_increment("a", 3, 10, &l);
-        let d = s.take_dirty();
-        s.check_and_increment("a", 1, 150, &l); // new window [100, 200)
-        assert_eq!(s.restore(d), 0);
-        assert_eq!(s.get("a").unwrap().pending, 1);
+        let row = |key: &str| StoredRow {
+            key: key.into(),
+            quota: 3,
+            used: 2,
+            expiry: Some(100),
+            persist: true,
+        };
+        for k in ["kept", "gone", "busy", "admin"] {
+            s.merge_stored(row(k), 10, 1, None);
+        }
+        s.check_and_increment("never-stored", 1, 10, &l);
+        s.check_and_increment("busy", 4, 10, &l);
+        s.set_quota("admin", 7, true, 10, &l);
+        // The next full re-read (generation 2) sees only "kept".
+        s.merge_stored(row("kept"), 10, 2, None);
+        assert_eq!(s.forget_unseen(2, 10), 2);
+        assert!(s.get("gone").is_none(), "deleted, nothing pending");
+        let busy = s.get("busy").unwrap();
+        assert_eq!(
+            (
+                busy.quota,
+                busy.used,
+                busy.pending,
+                busy.persist,
+                busy.stored
+            ),
+            (10, 4, 4, false, false),
+            "a new sender with what it sent since"
+        );
+        assert!(s.get("admin").is_some_and(|c| c.quota == 7));
+        assert!(s.get("never-stored").is_some() && s.get("kept").is_some());
+        s.mark_stored(["never-stored"]);
+        assert!(s.get("never-stored").unwrap().stored);
     }
 
     #[test]
     fn loaded_rows_keep_persist_and_expired_rows_reset() {
         let s = CounterStore::new();
         let l = limit(10);
-        s.load(StoredRow {
-            key: "p".into(),
-            quota: 2,
-            used: 2,
-            expiry: Some(50),
-            persist: true,
-        });
-        s.load(StoredRow {
-            key: "n".into(),
-            quota: 2,
-            used: 2,
-            expiry: None,
-            persist: false,
-        });
-        s.load(StoredRow {
-            key: "live".into(),
-            quota: 2,
-            used: 2,
-            expiry: Some(100),
-            persist: false,
-        });
+        s.load(
+            StoredRow {
+                key: "p".into(),
+                quota: 2,
+                used: 2,
+                expiry: Some(50),
+                persist: true,
+            },
+            0,
+        );
+        s.load(
+            StoredRow {
+                key: "n".into(),
+                quota: 2,
+                used: 2,
+                expiry: None,
+                persist: false,
+            },
+            0,
+        );
+        s.load(
+            StoredRow {
+                key: "live".into(),
+                quota: 2,
+                used: 2,
+                expiry: Some(100),
+                persist: false,
+            },
+            0,
+        );
         let p = s.check_and_increment("p", 1, 60, &l);
         assert_eq!((p.used, p.quota, p.expiry, p.inserted), (1, 2, 100, false));
         let n = s.check_and_increment("n", 1, 60, &l);
@@ -504,20 +583,26 @@ mod tests {
     fn eviction_keeps_what_matters() {
         let s = CounterStore::new();
         let l = limit(10);
-        s.load(StoredRow {
-            key: "old".into(),
-            quota: 10,
-            used: 1,
-            expiry: Some(50),
-            persist: false,
-        });
-        s.load(StoredRow {
-            key: "vip".into(),
-            quota: 99,
-            used: 1,
-            expiry: Some(50),
-            persist: true,
-        });
+        s.load(
+            StoredRow {
+                key: "old".into(),
+                quota: 10,
+                used: 1,
+                expiry: Some(50),
+                persist: false,
+            },
+            0,
+        );
+        s.load(
+            StoredRow {
+                key: "vip".into(),
+                quota: 99,
+                used: 1,
+                expiry: Some(50),
+                persist: true,
+            },
+            0,
+        );
         s.check_and_increment("active", 1, 60, &l);
         assert_eq!(s.evict_idle(60), 1);
         assert!(s.get("old").is_none() && s.get("vip").is_some() && s.get("active").is_some());
@@ -535,40 +620,48 @@ mod tests {
             persist,
         };
         // Unknown key: taken as it is.
-        s.merge_stored(row("new", 5, 3, 100, false), 60);
+        s.merge_stored(row("new", 5, 3, 100, false), 60, 1, None);
         assert_eq!(s.get("new").map(|c| (c.quota, c.used)), Some((5, 3)));
         // Same window: stored used (everyone's flushed usage) + our pending.
         s.check_and_increment("same", 2, 10, &l);
-        s.merge_stored(row("same", 20, 7, 100, true), 60);
+        s.merge_stored(row("same", 20, 7, 100, true), 60, 1, None);
         let c = s.get("same").unwrap();
         assert_eq!((c.quota, c.used, c.pending, c.persist), (20, 9, 2, true));
         // Both windows running, different ends (counted while the database
         // was away): the stored window is adopted, our pending added.
-        s.merge_stored(row("same", 20, 1, 200, true), 10);
+        s.merge_stored(row("same", 20, 1, 200, true), 10, 1, None);
         let c = s.get("same").unwrap();
         assert_eq!((c.used, c.expiry, c.pending), (3, 200, 2));
         // Our window finished, another daemon's running: taken as it is.
-        s.merge_stored(row("same", 20, 4, 300, true), 250);
+        s.merge_stored(row("same", 20, 4, 300, true), 250, 1, None);
         let c = s.get("same").unwrap();
         assert_eq!((c.used, c.expiry, c.pending), (4, 300, 0));
         // Finished stored window: only a persistent quota is taken.
         s.check_and_increment("ours", 4, 10, &l);
-        s.merge_stored(row("ours", 99, 50, 50, false), 60);
+        s.merge_stored(row("ours", 99, 50, 50, false), 60, 1, None);
         assert_eq!(s.get("ours").map(|c| (c.quota, c.used)), Some((10, 4)));
-        s.merge_stored(row("ours", 99, 50, 50, true), 60);
+        s.merge_stored(row("ours", 99, 50, 50, true), 60, 1, None);
         assert_eq!(
             s.get("ours").map(|c| (c.quota, c.used, c.persist)),
             Some((99, 4, true))
         );
         // An admin change waiting to be written wins over the database.
         s.set_quota("ours", 7, false, 10, &l);
-        s.merge_stored(row("ours", 99, 1, 100, true), 60);
+        s.merge_stored(row("ours", 99, 1, 100, true), 60, 1, None);
         assert_eq!(
             s.get("ours").map(|c| (c.quota, c.persist, c.used)),
             Some((7, false, 5))
         );
+        // Units of a flush not yet confirmed count as not stored.
+        s.check_and_increment("flying", 3, 10, &l);
+        let taken = s.take_dirty();
+        s.merge_stored(row("flying", 10, 5, 100, false), 60, 1, Some((100, 3)));
+        assert_eq!(s.get("flying").unwrap().used, 8, "5 stored + 3 unconfirmed");
+        s.merge_stored(row("flying", 10, 5, 100, false), 60, 1, Some((50, 3)));
+        assert_eq!(s.get("flying").unwrap().used, 5, "another window's units");
+        drop(taken);
         s.reset("ours");
-        s.merge_stored(row("ours", 99, 40, 100, true), 60);
+        s.merge_stored(row("ours", 99, 40, 100, true), 60, 1, None);
         assert_eq!(
             s.get("ours").unwrap().used,
             0,

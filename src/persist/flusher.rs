@@ -1,0 +1,562 @@
+//! The [`Flusher`]: the one task that merges memory and database.
+//!
+//! Everything that moves counts between the [`CounterStore`] and the
+//! [`Backend`] happens here, one job after the other, so no two of them can
+//! see each other half done:
+//!
+//! - **flush** (every `flush_interval`): the pending units become batches;
+//!   each batch is written, in order, until the backend confirms it. A batch
+//!   that failed — or whose outcome is unknown — is kept exactly as it was
+//!   and sent again, with the same [`BatchId`], before anything newer: the
+//!   backend recognises an id it already applied. Units counted meanwhile
+//!   stay pending in the store. So a flush is applied exactly once, and a
+//!   reset or set-quota made while it hangs is written after it, winning.
+//! - **refresh** (every `refresh_interval`): rows changed in the database
+//!   since the last refresh (by other daemons, by administrators) are merged
+//!   in. Never halfway through a write (the same task does both); the units
+//!   of a batch still unconfirmed are counted as not stored yet, like
+//!   pending ones, so nothing in flight is lost from memory.
+//! - **full re-read** (at start, on reload, every `reconcile_interval`):
+//!   every row is merged in, and counters whose row has disappeared (an
+//!   administrator's `DELETE`) are forgotten. This is what makes edits that
+//!   do not touch `updated` take effect.
+//!
+//! The database's health is recorded from operations that reached it only
+//! (see [`crate::stats::Health`]): one log line when it goes away, one when it is back.
+//! On shutdown the flusher writes what is left, within `final_timeout` for
+//! everything, closing its connections included.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::fmt;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::{sleep_until, Instant};
+use tokio_util::sync::CancellationToken;
+
+use super::{Backend, BackendError, Batch, BatchId, WriteContext, MAX_BATCH_ROWS};
+use crate::ask::{Asker, Request};
+use crate::clock::Clock;
+use crate::stats::{FlushStatus, Op, Stats, Transition};
+use crate::store::{CounterStore, StoredRow};
+
+/// How long recorded batch ids are kept: a batch can only be sent again
+/// while its daemon runs, so a week is ample.
+const BATCH_ID_RETENTION_SECS: i64 = 7 * 86_400;
+
+/// What a [`FlushHandle`] can ask the flusher to do now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Job {
+    /// Write pending deltas; answers the number of rows.
+    Flush,
+    /// Pull rows changed in the database; answers the number of rows.
+    Refresh,
+    /// Read every row and merge it; answers the number of rows.
+    Reconcile,
+}
+
+/// Asks a running [`Flusher`] to flush, refresh or re-read now.
+#[derive(Debug, Clone)]
+pub struct FlushHandle {
+    asker: Asker<Job, Result<usize, BackendError>>,
+}
+
+impl FlushHandle {
+    /// Flushes now and returns how many rows were written.
+    ///
+    /// # Errors
+    ///
+    /// The backend failed (the counts are kept for the next try), or the
+    /// flusher has stopped.
+    pub async fn flush(&self) -> Result<usize, BackendError> {
+        self.ask(Job::Flush).await
+    }
+
+    /// Pulls changed rows now (or does the start-up load, if it has not
+    /// happened yet) and returns how many rows were merged.
+    ///
+    /// # Errors
+    ///
+    /// The backend failed, or the flusher has stopped.
+    pub async fn refresh(&self) -> Result<usize, BackendError> {
+        self.ask(Job::Refresh).await
+    }
+
+    /// Reads every row now, merges it, forgets counters whose row was
+    /// deleted, and returns how many rows were read.
+    ///
+    /// # Errors
+    ///
+    /// The backend failed, or the flusher has stopped.
+    pub async fn reconcile(&self) -> Result<usize, BackendError> {
+        self.ask(Job::Reconcile).await
+    }
+
+    async fn ask(&self, job: Job) -> Result<usize, BackendError> {
+        self.asker
+            .ask(job)
+            .await
+            .unwrap_or_else(|| Err(BackendError::Unavailable("the flusher has stopped".into())))
+    }
+}
+
+/// What the flusher left behind when it stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FinalFlush {
+    /// Rows written by the final flush.
+    pub rows: usize,
+    /// Units the database did not confirm (0 when all went well).
+    pub units_lost: u64,
+    /// The last error, if the final flush failed.
+    pub error: Option<BackendError>,
+}
+
+/// Settings of the flusher.
+#[derive(Debug, Clone)]
+pub struct FlushSettings {
+    /// Time between flushes.
+    pub interval: Duration,
+    /// Time between refreshes (rows changed in the database by an
+    /// administrator or by other daemons).
+    pub refresh_interval: Duration,
+    /// Time between full re-reads.
+    pub reconcile_interval: Duration,
+    /// First retry delay after a failure; doubles up to `max_backoff`.
+    pub min_backoff: Duration,
+    /// Longest retry delay.
+    pub max_backoff: Duration,
+    /// How long the final flush may take at shutdown, retries and closing
+    /// the connections included.
+    pub final_timeout: Duration,
+}
+
+/// Where the flusher reads the current default quota (for rows whose window
+/// it resets): the live settings, which a reload swaps.
+pub type DefaultQuota = Arc<dyn Fn() -> u32 + Send + Sync>;
+
+/// The background task that writes counters behind and pulls changes in.
+pub struct Flusher<B> {
+    backend: Arc<B>,
+    store: Arc<CounterStore>,
+    clock: Arc<dyn Clock>,
+    stats: Arc<Stats>,
+    settings: FlushSettings,
+    default_quota: DefaultQuota,
+    requests: mpsc::Receiver<Request<Job, Result<usize, BackendError>>>,
+    /// Whether every row has been loaded once. False when the database was
+    /// away at start: the next refresh does the whole load.
+    loaded: bool,
+    /// The database's time of the last refresh, for `load_changed`.
+    cursor: Option<i64>,
+    /// Batches taken from the store and not yet confirmed by the backend, in
+    /// the order they must be applied.
+    unconfirmed: VecDeque<Arc<Batch>>,
+    /// The id of the next batch.
+    next_id: BatchId,
+    /// The generation of the last full re-read.
+    mark: u8,
+}
+
+impl<B> fmt::Debug for Flusher<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Flusher")
+            .field("loaded", &self.loaded)
+            .field("unconfirmed", &self.unconfirmed.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Capped doubling: the next delay after a failure.
+fn next_backoff(previous: Option<Duration>, min: Duration, max: Duration) -> Duration {
+    previous.map_or(min, |b| (b * 2).min(max))
+}
+
+impl<B: Backend> Flusher<B> {
+    /// A flusher and the handle to ask it for a flush, refresh or re-read.
+    pub fn new(
+        backend: Arc<B>,
+        store: Arc<CounterStore>,
+        clock: Arc<dyn Clock>,
+        stats: Arc<Stats>,
+        settings: FlushSettings,
+        default_quota: DefaultQuota,
+    ) -> (Self, FlushHandle) {
+        let (asker, requests) = crate::ask::channel(16);
+        let flusher = Flusher {
+            backend,
+            store,
+            clock,
+            stats,
+            settings,
+            default_quota,
+            requests,
+            loaded: false,
+            cursor: None,
+            unconfirmed: VecDeque::new(),
+            next_id: BatchId::first(),
+            mark: 0,
+        };
+        (flusher, FlushHandle { asker })
+    }
+
+    /// Checks the database and loads every row into the store (at start).
+    /// On failure the daemon can serve anyway: [`Flusher::run`] loads at its
+    /// first refresh that works.
+    ///
+    /// # Errors
+    ///
+    /// The backend's error.
+    pub async fn load(&mut self) -> Result<usize, BackendError> {
+        let inspected = self.backend.inspect().await;
+        self.note(Op::Read, &inspected);
+        for w in inspected?.warnings {
+            log::warn!("{w}");
+        }
+        let n = self.read_everything().await?;
+        self.loaded = true;
+        self.stats.database.lock().loaded = true;
+        Ok(n)
+    }
+
+    /// Flushes every `interval`, refreshes every `refresh_interval` and
+    /// re-reads everything every `reconcile_interval` until `shutdown`, then
+    /// does the final flush.
+    pub async fn run(mut self, shutdown: CancellationToken) -> FinalFlush {
+        let (min, max) = (self.settings.min_backoff, self.settings.max_backoff);
+        let mut flush_backoff: Option<Duration> = None;
+        let mut refresh_backoff: Option<Duration> = None;
+        let mut next_flush = Instant::now() + self.settings.interval;
+        let mut next_refresh = Instant::now() + self.settings.refresh_interval;
+        let mut next_reconcile = Instant::now() + self.settings.reconcile_interval;
+        loop {
+            let (job, reply) = tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = sleep_until(next_flush) => (Job::Flush, None),
+                () = sleep_until(next_refresh) => (Job::Refresh, None),
+                () = sleep_until(next_reconcile) => (Job::Reconcile, None),
+                Some((job, reply)) = self.requests.recv() => (job, Some(reply)),
+            };
+            let result = match job {
+                Job::Flush => {
+                    let result = self.flush_once().await;
+                    flush_backoff = result
+                        .is_err()
+                        .then(|| next_backoff(flush_backoff, min, max));
+                    next_flush = Instant::now() + flush_backoff.unwrap_or(self.settings.interval);
+                    let evicted = self.store.evict_idle(self.clock.now());
+                    if evicted > 0 {
+                        log::debug!("evicted {evicted} idle counters");
+                    }
+                    result
+                }
+                Job::Refresh | Job::Reconcile => {
+                    let result = if job == Job::Refresh {
+                        self.refresh_once().await
+                    } else {
+                        self.reconcile_once().await
+                    };
+                    refresh_backoff = result
+                        .is_err()
+                        .then(|| next_backoff(refresh_backoff, min, max));
+                    let wait = refresh_backoff.map_or(self.settings.refresh_interval, |b| {
+                        b.min(self.settings.refresh_interval)
+                    });
+                    next_refresh = Instant::now() + wait;
+                    if job == Job::Reconcile && result.is_ok() {
+                        next_reconcile = Instant::now() + self.settings.reconcile_interval;
+                    } else if job == Job::Reconcile {
+                        next_reconcile = next_refresh;
+                    }
+                    result
+                }
+            };
+            if let Some(reply) = reply {
+                let _ = reply.send(result);
+            }
+        }
+        self.final_flush().await
+    }
+
+    /// Pulls the rows changed since the last refresh (everything, if the
+    /// start-up load has not happened yet) and merges them into the store.
+    ///
+    /// # Errors
+    ///
+    /// The backend's error.
+    pub async fn refresh_once(&mut self) -> Result<usize, BackendError> {
+        if !self.loaded {
+            let loaded = self.load().await;
+            if let Ok(n) = &loaded {
+                crate::notice!(
+                    "loaded {n} counters from {} (deferred start-up load)",
+                    self.backend.name()
+                );
+            }
+            return loaded;
+        }
+        let changed = self.backend.load_changed(self.cursor).await;
+        self.note(Op::Read, &changed);
+        let Some((rows, at)) = changed? else {
+            return Ok(0);
+        };
+        let n = rows.len();
+        self.merge(rows, self.mark);
+        self.cursor = Some(at);
+        Ok(n)
+    }
+
+    /// Reads every row, merges it, and forgets counters whose row has been
+    /// deleted. Does the start-up load if it has not happened yet.
+    ///
+    /// # Errors
+    ///
+    /// The backend's error.
+    pub async fn reconcile_once(&mut self) -> Result<usize, BackendError> {
+        if !self.loaded {
+            return self.refresh_once().await;
+        }
+        let n = self.read_everything().await?;
+        if let Err(e) = self.backend.prune_batches(BATCH_ID_RETENTION_SECS).await {
+            log::warn!("cannot remove old batch ids: {e}");
+        }
+        Ok(n)
+    }
+
+    /// The full re-read: every row merged with a new generation mark, then
+    /// the counters whose row was not seen are forgotten.
+    async fn read_everything(&mut self) -> Result<usize, BackendError> {
+        // The database's time first: changes made during the read are
+        // pulled again by the next refresh, which is harmless.
+        let at = self.backend.load_changed(None).await;
+        self.note(Op::Read, &at);
+        let cursor = at?.map(|(_, at)| at);
+        let mark = self.mark.wrapping_add(1);
+        // Rows are merged as they arrive, a chunk at a time: a million rows
+        // never sit in memory at once.
+        let (tx, mut rx) = mpsc::channel::<Vec<StoredRow>>(2);
+        let in_flight = self.in_flight();
+        let now = self.clock.now();
+        let store = &self.store;
+        let merge = async {
+            while let Some(chunk) = rx.recv().await {
+                for row in chunk {
+                    let unconfirmed = in_flight.get(row.key.as_str()).copied();
+                    store.merge_stored(row, now, mark, unconfirmed);
+                }
+                // A chunk takes a fraction of a millisecond; let the
+                // connections on this worker thread go first.
+                tokio::task::yield_now().await;
+            }
+        };
+        let (read, ()) = tokio::join!(self.backend.scan(tx), merge);
+        self.note(Op::Read, &read);
+        let n = read?;
+        self.mark = mark;
+        self.cursor = cursor;
+        let forgotten = self.store.forget_unseen(mark, (self.default_quota)());
+        if forgotten > 0 {
+            crate::notice!(
+                "{forgotten} counters whose row was deleted from the database are forgotten"
+            );
+        }
+        Ok(n)
+    }
+
+    /// Merges rows read from the database, with the units of unconfirmed
+    /// batches counted as not stored.
+    fn merge(&self, rows: Vec<StoredRow>, mark: u8) {
+        let now = self.clock.now();
+        let in_flight = self.in_flight();
+        for row in rows {
+            let unconfirmed = in_flight.get(row.key.as_str()).copied();
+            self.store.merge_stored(row, now, mark, unconfirmed);
+        }
+    }
+
+    /// Per key, the units of unconfirmed batches for the latest window they
+    /// belong to (empty, and free, when every batch is confirmed).
+    fn in_flight(&self) -> HashMap<Box<str>, (i64, u32)> {
+        let mut in_flight: HashMap<Box<str>, (i64, u32)> = HashMap::new();
+        for d in self.unconfirmed.iter().flat_map(|b| &b.deltas) {
+            let e = in_flight
+                .entry(d.key.clone())
+                .or_insert((d.window_expiry, 0));
+            if d.window_expiry > e.0 {
+                *e = (d.window_expiry, 0);
+            }
+            if d.window_expiry == e.0 {
+                e.1 = e.1.saturating_add(d.delta);
+            }
+        }
+        in_flight
+    }
+
+    async fn final_flush(&mut self) -> FinalFlush {
+        let limit = self.settings.final_timeout;
+        let deadline = Instant::now() + limit;
+        let mut rows = 0;
+        let mut delay = self.settings.min_backoff;
+        let error = loop {
+            match tokio::time::timeout_at(deadline, self.flush_once()).await {
+                Ok(Ok(n)) => {
+                    rows += n;
+                    break None;
+                }
+                Ok(Err(_)) if Instant::now() + delay < deadline => {
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(self.settings.max_backoff);
+                }
+                Ok(Err(e)) => break Some(e),
+                Err(_) => {
+                    break Some(BackendError::Unavailable(format!(
+                        "the final flush did not finish within {limit:?}"
+                    )))
+                }
+            }
+        };
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(100));
+        if tokio::time::timeout(left, self.backend.close())
+            .await
+            .is_err()
+        {
+            log::warn!("{}: connections not closed in time", self.backend.name());
+        }
+        let units_lost = self.store.pending().0 + self.unconfirmed_units();
+        if let Some(e) = &error {
+            log::error!("final flush failed, {units_lost} counted units not saved: {e}");
+        }
+        FinalFlush {
+            rows,
+            units_lost,
+            error,
+        }
+    }
+
+    /// Writes every pending delta once: first the batches that are not
+    /// confirmed yet, then, if they all went through, the units counted
+    /// since. Returns the rows written.
+    ///
+    /// Cancelling it loses nothing: a batch leaves the queue only once the
+    /// backend confirmed it.
+    ///
+    /// # Errors
+    ///
+    /// The backend's error; the counts are kept for the next try.
+    pub async fn flush_once(&mut self) -> Result<usize, BackendError> {
+        let mut result = self.confirm().await;
+        if let Ok(rows) = result {
+            let deltas = self.store.take_dirty();
+            if !deltas.is_empty() {
+                let mut rest = deltas.into_iter().peekable();
+                while rest.peek().is_some() {
+                    let deltas: Vec<_> = rest.by_ref().take(MAX_BATCH_ROWS).collect();
+                    let id = self.next_id;
+                    self.next_id = id.next();
+                    self.unconfirmed.push_back(Arc::new(Batch { id, deltas }));
+                }
+                self.publish_unconfirmed();
+                result = self.confirm().await.map(|n| n + rows);
+            }
+        }
+        let rows = match &result {
+            Ok(n) => *n,
+            Err(_) => self.unconfirmed.iter().map(|b| b.deltas.len()).sum(),
+        };
+        if rows > 0 || result.is_err() {
+            *self.stats.last_flush.lock() = FlushStatus {
+                at: self.clock.now(),
+                rows,
+                error: result.as_ref().err().map(ToString::to_string),
+            };
+        }
+        if result.is_err() {
+            self.stats.flush_failures.fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+
+    /// Writes the unconfirmed batches, oldest first, until one fails.
+    async fn confirm(&mut self) -> Result<usize, BackendError> {
+        let mut rows = 0;
+        while let Some(batch) = self.unconfirmed.front().cloned() {
+            let ctx = WriteContext {
+                default_quota: (self.default_quota)(),
+                now: self.clock.now(),
+            };
+            let started = Instant::now();
+            let written = self.backend.write(Arc::clone(&batch), ctx).await;
+            self.note(Op::Write, &written);
+            let written = written?;
+            if written.replayed {
+                crate::notice!(
+                    "batch {:x}-{} was already in the database (an earlier attempt's outcome was \
+                     unknown); not applied again",
+                    batch.id.daemon,
+                    batch.id.seq
+                );
+            }
+            let skipped: HashSet<usize> = written.skipped.into_iter().collect();
+            self.store.mark_stored(
+                batch
+                    .deltas
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| !skipped.contains(i))
+                    .map(|(_, d)| &*d.key),
+            );
+            log::debug!(
+                "flushed {} rows in {:?}",
+                batch.deltas.len(),
+                started.elapsed()
+            );
+            rows += batch.deltas.len();
+            self.unconfirmed.pop_front();
+            self.publish_unconfirmed();
+        }
+        Ok(rows)
+    }
+
+    fn unconfirmed_units(&self) -> u64 {
+        self.unconfirmed.iter().map(|b| b.units()).sum()
+    }
+
+    /// Tells `status` what waits in unconfirmed batches.
+    fn publish_unconfirmed(&self) {
+        let rows: usize = self.unconfirmed.iter().map(|b| b.deltas.len()).sum();
+        self.stats
+            .unconfirmed_units
+            .store(self.unconfirmed_units(), Ordering::Relaxed);
+        self.stats
+            .unconfirmed_rows
+            .store(rows as u64, Ordering::Relaxed);
+    }
+
+    /// Records the outcome of an operation that reached the database, and
+    /// logs one line when it goes away and one when it is back.
+    fn note<T>(&self, op: Op, result: &Result<T, BackendError>) {
+        let outcome = match result {
+            Ok(_) => Ok(()),
+            Err(e) => Err(e.to_string()),
+        };
+        let transition = self.stats.database.lock().record(
+            op,
+            outcome.as_ref().map(|_| ()).map_err(String::as_str),
+            self.clock.now(),
+        );
+        let name = self.backend.name();
+        match transition {
+            Some(Transition::WentDown { op, error }) => log::error!(
+                "{name} {} failing: {error}; requests are answered from memory and unsaved counts are kept",
+                op.as_str()
+            ),
+            Some(Transition::CameBack { down_secs }) => {
+                crate::notice!("{name} database available again after {down_secs} s")
+            }
+            None => {}
+        }
+    }
+}
