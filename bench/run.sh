@@ -64,6 +64,19 @@ EOF
     exit 1
 }
 rss_kib() { awk '/^VmRSS/ { print $2 }' "/proc/$1/status"; }
+# reread NAME: three full re-reads (`reload`) of the running daemon's rows,
+# timed, with its RSS before and after.
+reread() {
+    local before times=() t0 t1
+    before=$(rss_kib "$DAEMON_PID")
+    for _ in 1 2 3; do
+        t0=$(date +%s.%N)
+        "$B/ratelimit-policyd" reload --config "$DIR/c.toml" >/dev/null
+        t1=$(date +%s.%N)
+        times+=("$(python3 -c "print(f'{$t1 - $t0:.2f}')")")
+    done
+    echo "- $1, 1M rows: a full re-read (\`reload\`) took ${times[*]} s; RSS ${before} → $(rss_kib "$DAEMON_PID") KiB."
+}
 load() { "$B/ratelimit-loadgen" run --target "127.0.0.1:$1" -c "$2" -u "$3" --duration "$SECS" --warmup 1 --json; }
 
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r), $(date -u +%Y-%m-%d)"
@@ -95,6 +108,7 @@ lat = lambda who, k: int(med(who, lambda r: r["latency_us"][k]))
 print(f"| {int(users):,} | {c} | {f:,.0f} | {d:,.0f} | {d / f:.2f} | {lat('daemon','p50')} | {lat('daemon','p99')} | {lat('daemon','p999')} | {lat('floor','p99')} |")
 EOF
     done
+    [ "$users" = 1000000 ] && REREAD_SQLITE=$(reread SQLite)
     kill "$DAEMON_PID"; wait "$DAEMON_PID" 2>/dev/null || true
 done
 
@@ -104,6 +118,7 @@ echo
 echo "- RSS with 1k senders: ${RSS_SMALL} KiB; with 1M senders: ${RSS_BIG} KiB;" \
     "$(( (RSS_BIG - RSS_SMALL) * 1024 / 999000 )) bytes per cached sender."
 echo "- SQLite, 1M rows: ${LOAD_1M}."
+echo "$REREAD_SQLITE"
 
 # MariaDB, if there is one: 1M rows loaded at start.
 MYSQL="mariadb --protocol=tcp -h127.0.0.1 -P3306 -uroot"
@@ -114,6 +129,7 @@ if $MYSQL -e "SELECT 1" >/dev/null 2>&1; then
     $MYSQL "$DB" -e "INSERT INTO ratelimit (sender, quota, used, expiry) SELECT CONCAT('user', seq, '@example.com'), 1000000000, 0, 4102444800 FROM seq_0_to_999999"
     daemon 1000000 3600s "mysql://root@127.0.0.1:3306/$DB"
     echo "- MariaDB, 1M rows: $(grep -o 'loaded 1000000 counters from mysql in [^ ]*' "$DIR/daemon.log")."
+    reread MariaDB
     kill "$DAEMON_PID"; wait "$DAEMON_PID" 2>/dev/null || true
     $MYSQL -e "DROP DATABASE $DB"
 fi
