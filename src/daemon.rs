@@ -142,6 +142,7 @@ pub async fn start<B: Backend>(
         min_backoff: Duration::from_secs(1),
         max_backoff: Duration::from_secs(60),
         final_timeout: config.database.timeout,
+        refresh_overlap: config.database.timeout,
     };
     let (mut flusher, flush) = Flusher::new(
         Arc::clone(&backend),

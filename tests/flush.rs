@@ -232,3 +232,29 @@ async fn every_row_is_read_again_every_reconcile_interval() {
     assert_eq!(scans_at, [300, 600, 900]);
     s.stop().await;
 }
+
+/// A database that never loads stays down from the first failure on: a
+/// retry whose first step touches nothing must not count as a success (the
+/// log would say "available again" at every retry, and `status` would move
+/// "down since" along).
+#[tokio::test]
+async fn a_database_failing_at_start_stays_down_since_the_first_failure() {
+    let backend = Arc::new(MemoryBackend::default());
+    backend.set_failing(true);
+    let mut s = start_with("", Arc::clone(&backend), ManualClock::new(T0)).await;
+    for _ in 0..3 {
+        s.clock.advance(30);
+        assert!(s.daemon().flush.refresh().await.is_err());
+    }
+    let health = s.daemon().stats.database.lock().clone();
+    assert_eq!(health.state(), DbState::Down { since: T0 });
+    assert!(!health.loaded);
+    assert_eq!(health.reads.last_ok, 0, "nothing ever worked");
+    backend.set_failing(false);
+    s.clock.advance(30);
+    s.daemon().flush.refresh().await.unwrap();
+    let health = s.daemon().stats.database.lock().clone();
+    assert_eq!(health.state(), DbState::Up);
+    assert!(health.loaded);
+    s.stop().await;
+}

@@ -212,6 +212,7 @@ async fn load_and_flush_times_for_100k_rows() {
             persist: false,
             set_quota: false,
             reset_used: false,
+            had_row: false,
         })
         .collect();
     let ctx = WriteContext {

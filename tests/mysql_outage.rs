@@ -281,6 +281,11 @@ async fn sigterm_with_a_frozen_database_is_bounded() {
     let db = TestDb::create(&server.admin_url(), "frozenstop").await;
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), "", "");
+    // No periodic flush may write the counts before the freeze.
+    let toml = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("[database]\n", "[database]\nflush_interval = \"1h\"\n");
+    std::fs::write(&config, toml).unwrap();
     use_database(&config, &db.url());
     let d = Spawn::default().start(&config);
     let mut c = Client::connect(d.addr).await;
@@ -337,4 +342,55 @@ async fn a_database_never_reached_is_reported_down_with_its_error() {
     assert_eq!(d.terminate(), 0);
     let log = std::fs::read_to_string(dir.path().join("ratelimit-policyd.log")).unwrap();
     assert!(!log.contains("available again"), "{log}");
+}
+
+/// SIGTERM while a flush hangs on a frozen database: the hanging job is cut
+/// short, and the final flush gets `database.timeout` — not the hanging job's
+/// time plus that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_cuts_a_hanging_flush_short() {
+    use common::binary::{cli_within, use_database, write_config, Spawn};
+    use common::mysql::admin_url;
+    use common::proxy::Proxy;
+    let db = TestDb::create(&admin_url(), "cutshort").await;
+    let proxy = Proxy::start("127.0.0.1:3306");
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "", "");
+    let toml = std::fs::read_to_string(&config).unwrap().replace(
+        "[database]\n",
+        "[database]\ntimeout = \"3s\"\nflush_interval = \"1h\"\n",
+    );
+    std::fs::write(&config, toml).unwrap();
+    use_database(&config, &proxy.url_for(&db.url()));
+    let d = Spawn::default().start(&config);
+    let mut c = Client::connect(d.addr).await;
+    for n in 0..5 {
+        c.ask(&Req::rcpt(KEY, &format!("i{n}"), "r@x")).await;
+    }
+    drop(c);
+    proxy.freeze();
+    let held = proxy.held();
+    let flushing = {
+        let config = config.clone();
+        std::thread::spawn(move || cli_within(&config, &["flush"], 30))
+    };
+    // Wait until the flush's first statement is held by the frozen proxy.
+    for _ in 0..3000 {
+        if proxy.held() > held {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    assert!(proxy.held() > held, "the flush never reached the database");
+    let started = Instant::now();
+    let code = d.terminate();
+    let took = started.elapsed();
+    proxy.thaw();
+    let _ = flushing.join();
+    println!("SIGTERM during a hanging flush: exit {code} after {took:?}");
+    assert_eq!(code, 75);
+    assert!(
+        took < std::time::Duration::from_secs(5),
+        "database.timeout is 3 s: took {took:?}"
+    );
 }

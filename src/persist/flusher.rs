@@ -26,7 +26,7 @@
 //! On shutdown the flusher writes what is left, within `final_timeout` for
 //! everything, closing its connections included.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -40,7 +40,7 @@ use super::{Backend, BackendError, Batch, BatchId, WriteContext, MAX_BATCH_ROWS}
 use crate::ask::{Asker, Request};
 use crate::clock::Clock;
 use crate::stats::{FlushStatus, Op, Stats, Transition};
-use crate::store::{CounterStore, StoredRow};
+use crate::store::{normalize_key, CounterStore, InFlight, StoredRow};
 
 /// How long recorded batch ids are kept: a batch can only be sent again
 /// while its daemon runs, so a week is ample.
@@ -130,6 +130,9 @@ pub struct FlushSettings {
     /// How long the final flush may take at shutdown, retries and closing
     /// the connections included.
     pub final_timeout: Duration,
+    /// How far back each refresh reaches before the previous one's time
+    /// (rows committed a little after they were written).
+    pub refresh_overlap: Duration,
 }
 
 /// Where the flusher reads the current default quota (for rows whose window
@@ -157,6 +160,12 @@ pub struct Flusher<B> {
     next_id: BatchId,
     /// The generation of the last full re-read.
     mark: u8,
+    /// Rows were merged while a batch was unconfirmed, counting its units as
+    /// not stored.
+    merged_in_doubt: bool,
+    /// A batch turned out to be applied already after such a merge: memory
+    /// counts its units twice until every row is read again, soon.
+    reread_soon: bool,
 }
 
 impl<B> fmt::Debug for Flusher<B> {
@@ -166,6 +175,27 @@ impl<B> fmt::Debug for Flusher<B> {
             .field("unconfirmed", &self.unconfirmed.len())
             .finish_non_exhaustive()
     }
+}
+
+/// A row stored under a key the daemon never uses (mixed case, blanks, as
+/// the Perl daemon stored logins) goes to `unfolded`, under the key it must
+/// be folded into; other rows come back to be merged. Keys that normalise to
+/// nothing are left alone.
+fn set_aside_unfolded(
+    row: StoredRow,
+    unfolded: &mut BTreeMap<String, Vec<String>>,
+) -> Option<StoredRow> {
+    let normal = normalize_key(&row.key);
+    if normal == row.key {
+        return Some(row);
+    }
+    if !normal.is_empty() {
+        unfolded
+            .entry(normal.into_owned())
+            .or_default()
+            .push(row.key);
+    }
+    None
 }
 
 /// Capped doubling: the next delay after a failure.
@@ -197,6 +227,8 @@ impl<B: Backend> Flusher<B> {
             unconfirmed: VecDeque::new(),
             next_id: BatchId::first(),
             mark: 0,
+            merged_in_doubt: false,
+            reread_soon: false,
         };
         (flusher, FlushHandle { asker })
     }
@@ -210,7 +242,11 @@ impl<B: Backend> Flusher<B> {
     /// The backend's error.
     pub async fn load(&mut self) -> Result<usize, BackendError> {
         let inspected = self.backend.inspect().await;
-        self.note(Op::Read, &inspected);
+        // Only the whole load's success says the database is up (an
+        // inspection may not even have touched it).
+        if inspected.is_err() {
+            self.note(Op::Read, &inspected);
+        }
         for w in inspected?.warnings {
             log::warn!("{w}");
         }
@@ -238,45 +274,63 @@ impl<B: Backend> Flusher<B> {
                 () = sleep_until(next_reconcile) => (Job::Reconcile, None),
                 Some((job, reply)) = self.requests.recv() => (job, Some(reply)),
             };
+            // A job never delays shutdown: it is cut short (each is safe to
+            // cancel: an unconfirmed batch stays queued, a re-read merged
+            // halfway forgets nothing), and the final flush has its own
+            // deadline.
+            let done = tokio::select! {
+                done = self.run_job(job) => done,
+                () = shutdown.cancelled() => {
+                    if let Some(reply) = reply {
+                        let _ = reply.send(Err(BackendError::Unavailable(
+                            "the daemon is stopping".into(),
+                        )));
+                    }
+                    break;
+                }
+            };
             let result = match job {
                 Job::Flush => {
-                    let result = self.flush_once().await;
-                    flush_backoff = result
-                        .is_err()
-                        .then(|| next_backoff(flush_backoff, min, max));
+                    flush_backoff = done.is_err().then(|| next_backoff(flush_backoff, min, max));
                     next_flush = Instant::now() + flush_backoff.unwrap_or(self.settings.interval);
                     let evicted = self.store.evict_idle(self.clock.now());
                     if evicted > 0 {
                         log::debug!("evicted {evicted} idle counters");
                     }
-                    result
+                    done
                 }
                 Job::Refresh | Job::Reconcile => {
-                    let result = if job == Job::Refresh {
-                        self.refresh_once().await
-                    } else {
-                        self.reconcile_once().await
-                    };
-                    refresh_backoff = result
+                    refresh_backoff = done
                         .is_err()
                         .then(|| next_backoff(refresh_backoff, min, max));
                     let wait = refresh_backoff.map_or(self.settings.refresh_interval, |b| {
                         b.min(self.settings.refresh_interval)
                     });
                     next_refresh = Instant::now() + wait;
-                    if job == Job::Reconcile && result.is_ok() {
+                    if job == Job::Reconcile && done.is_ok() {
                         next_reconcile = Instant::now() + self.settings.reconcile_interval;
                     } else if job == Job::Reconcile {
                         next_reconcile = next_refresh;
                     }
-                    result
+                    done
                 }
             };
+            if std::mem::take(&mut self.reread_soon) {
+                next_reconcile = Instant::now();
+            }
             if let Some(reply) = reply {
                 let _ = reply.send(result);
             }
         }
         self.final_flush().await
+    }
+
+    async fn run_job(&mut self, job: Job) -> Result<usize, BackendError> {
+        match job {
+            Job::Flush => self.flush_once().await,
+            Job::Refresh => self.refresh_once().await,
+            Job::Reconcile => self.reconcile_once().await,
+        }
     }
 
     /// Pulls the rows changed since the last refresh (everything, if the
@@ -302,8 +356,20 @@ impl<B: Backend> Flusher<B> {
             return Ok(0);
         };
         let n = rows.len();
-        self.merge(rows, self.mark);
-        self.cursor = Some(at);
+        let in_flight = self.in_flight();
+        self.merged_in_doubt |= !in_flight.is_empty();
+        let now = self.clock.now();
+        let mut unfolded = BTreeMap::new();
+        for row in rows {
+            if let Some(row) = set_aside_unfolded(row, &mut unfolded) {
+                let unconfirmed = in_flight.get(row.key.as_str()).copied();
+                self.store.merge_stored(row, now, self.mark, unconfirmed);
+            }
+        }
+        for (key, variants) in unfolded {
+            self.fold(key, variants, self.mark, &in_flight).await;
+        }
+        self.cursor = Some(self.overlapped(at));
         Ok(n)
     }
 
@@ -328,22 +394,31 @@ impl<B: Backend> Flusher<B> {
     /// the counters whose row was not seen are forgotten.
     async fn read_everything(&mut self) -> Result<usize, BackendError> {
         // The database's time first: changes made during the read are
-        // pulled again by the next refresh, which is harmless.
+        // pulled again by the next refresh, which is harmless. Its success
+        // alone is not recorded: the read of every row says more.
         let at = self.backend.load_changed(None).await;
-        self.note(Op::Read, &at);
-        let cursor = at?.map(|(_, at)| at);
+        if at.is_err() {
+            self.note(Op::Read, &at);
+        }
+        let cursor = at?.map(|(_, at)| self.overlapped(at));
         let mark = self.mark.wrapping_add(1);
         // Rows are merged as they arrive, a chunk at a time: a million rows
         // never sit in memory at once.
         let (tx, mut rx) = mpsc::channel::<Vec<StoredRow>>(2);
         let in_flight = self.in_flight();
+        self.merged_in_doubt |= !in_flight.is_empty();
         let now = self.clock.now();
         let store = &self.store;
+        // Keys as the Perl daemon stored them (mixed case) are folded into
+        // the daemon's keys afterwards.
+        let mut unfolded = BTreeMap::new();
         let merge = async {
             while let Some(chunk) = rx.recv().await {
                 for row in chunk {
-                    let unconfirmed = in_flight.get(row.key.as_str()).copied();
-                    store.merge_stored(row, now, mark, unconfirmed);
+                    if let Some(row) = set_aside_unfolded(row, &mut unfolded) {
+                        let unconfirmed = in_flight.get(row.key.as_str()).copied();
+                        store.merge_stored(row, now, mark, unconfirmed);
+                    }
                 }
                 // A chunk takes a fraction of a millisecond; let the
                 // connections on this worker thread go first.
@@ -353,6 +428,9 @@ impl<B: Backend> Flusher<B> {
         let (read, ()) = tokio::join!(self.backend.scan(tx), merge);
         self.note(Op::Read, &read);
         let n = read?;
+        for (key, variants) in unfolded {
+            self.fold(key, variants, mark, &in_flight).await;
+        }
         self.mark = mark;
         self.cursor = cursor;
         let forgotten = self.store.forget_unseen(mark, (self.default_quota)());
@@ -364,33 +442,79 @@ impl<B: Backend> Flusher<B> {
         Ok(n)
     }
 
-    /// Merges rows read from the database, with the units of unconfirmed
-    /// batches counted as not stored.
-    fn merge(&self, rows: Vec<StoredRow>, mark: u8) {
-        let now = self.clock.now();
-        let in_flight = self.in_flight();
-        for row in rows {
-            let unconfirmed = in_flight.get(row.key.as_str()).copied();
-            self.store.merge_stored(row, now, mark, unconfirmed);
+    /// Folds rows stored under keys that differ from `key` only by case or
+    /// blanks into one (see [`super::fold_rows`]), in the database and then
+    /// in memory, with one warning. A failure is logged; the next full
+    /// re-read tries again.
+    async fn fold(
+        &self,
+        key: String,
+        variants: Vec<String>,
+        mark: u8,
+        in_flight: &HashMap<Box<str>, InFlight>,
+    ) {
+        let names: Vec<String> = variants
+            .iter()
+            .map(|v| crate::protocol::Escaped(v).to_string())
+            .collect();
+        let folded = self.backend.fold(&key, variants).await;
+        self.note(Op::Write, &folded);
+        match folded {
+            Ok(Some(row)) => {
+                log::warn!(
+                    "folded {} rows ({}) into the key {} (keys are lower-cased): used {}, quota {}{}",
+                    names.len(),
+                    names.join(", "),
+                    crate::protocol::Escaped(&key),
+                    row.used,
+                    row.quota,
+                    if row.persist { ", persistent" } else { "" },
+                );
+                let unconfirmed = in_flight.get(key.as_str()).copied();
+                self.store
+                    .merge_stored(row, self.clock.now(), mark, unconfirmed);
+            }
+            Ok(None) => {}
+            Err(e) => log::error!(
+                "cannot fold the rows {} into {}: {e}; trying again at the next full re-read",
+                names.join(", "),
+                crate::protocol::Escaped(&key)
+            ),
         }
     }
 
-    /// Per key, the units of unconfirmed batches for the latest window they
-    /// belong to (empty, and free, when every batch is confirmed).
-    fn in_flight(&self) -> HashMap<Box<str>, (i64, u32)> {
-        let mut in_flight: HashMap<Box<str>, (i64, u32)> = HashMap::new();
+    /// Per key, what unconfirmed batches carry: the units of the latest
+    /// window they belong to, and administrators' changes (empty, and free,
+    /// when every batch is confirmed).
+    fn in_flight(&self) -> HashMap<Box<str>, InFlight> {
+        let mut in_flight: HashMap<Box<str>, InFlight> = HashMap::new();
         for d in self.unconfirmed.iter().flat_map(|b| &b.deltas) {
-            let e = in_flight
-                .entry(d.key.clone())
-                .or_insert((d.window_expiry, 0));
-            if d.window_expiry > e.0 {
-                *e = (d.window_expiry, 0);
+            let e = in_flight.entry(d.key.clone()).or_insert(InFlight {
+                window: d.window_expiry,
+                ..InFlight::default()
+            });
+            if d.window_expiry > e.window {
+                *e = InFlight {
+                    window: d.window_expiry,
+                    set_quota: e.set_quota,
+                    ..InFlight::default()
+                };
             }
-            if d.window_expiry == e.0 {
-                e.1 = e.1.saturating_add(d.delta);
+            e.set_quota |= d.set_quota;
+            if d.window_expiry == e.window {
+                e.units = e.units.saturating_add(d.delta);
+                e.reset_used |= d.reset_used;
             }
         }
         in_flight
+    }
+
+    /// The refresh cursor for a read made at database time `at`: a little
+    /// earlier, because `updated` is set when a row is written, not when its
+    /// transaction commits; a row written before `at` and committed after
+    /// would otherwise be missed. Reading a row twice is harmless.
+    fn overlapped(&self, at: i64) -> i64 {
+        at - i64::try_from(self.settings.refresh_overlap.as_secs()).unwrap_or(0)
     }
 
     async fn final_flush(&mut self) -> FinalFlush {
@@ -427,7 +551,9 @@ impl<B: Backend> Flusher<B> {
         }
         let units_lost = self.store.pending().0 + self.unconfirmed_units();
         if let Some(e) = &error {
-            log::error!("final flush failed, {units_lost} counted units not saved: {e}");
+            log::error!(
+                "final flush failed, {units_lost} counted units not confirmed as saved: {e}"
+            );
         }
         FinalFlush {
             rows,
@@ -449,8 +575,11 @@ impl<B: Backend> Flusher<B> {
     pub async fn flush_once(&mut self) -> Result<usize, BackendError> {
         let mut result = self.confirm().await;
         if let Ok(rows) = result {
-            let deltas = self.store.take_dirty();
+            let mut deltas = self.store.take_dirty();
             if !deltas.is_empty() {
+                // In key order, so that daemons sharing a table lock its
+                // rows in the same order (no deadlocks between them).
+                deltas.sort_unstable_by(|a, b| a.key.cmp(&b.key));
                 let mut rest = deltas.into_iter().peekable();
                 while rest.peek().is_some() {
                     let deltas: Vec<_> = rest.by_ref().take(MAX_BATCH_ROWS).collect();
@@ -492,6 +621,7 @@ impl<B: Backend> Flusher<B> {
             self.note(Op::Write, &written);
             let written = written?;
             if written.replayed {
+                self.reread_soon |= self.merged_in_doubt;
                 crate::notice!(
                     "batch {:x}-{} was already in the database (an earlier attempt's outcome was \
                      unknown); not applied again",
@@ -516,6 +646,9 @@ impl<B: Backend> Flusher<B> {
             rows += batch.deltas.len();
             self.unconfirmed.pop_front();
             self.publish_unconfirmed();
+        }
+        if self.unconfirmed.is_empty() {
+            self.merged_in_doubt = false;
         }
         Ok(rows)
     }

@@ -9,7 +9,9 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
-use super::{merge_delta, Backend, BackendError, Batch, BatchId, WriteContext, Written};
+use super::{
+    fold_rows, merge_delta, Backend, BackendError, Batch, BatchId, IdRow, WriteContext, Written,
+};
 use crate::store::StoredRow;
 
 /// Rows in a map, plus a switch that makes every call fail.
@@ -76,6 +78,30 @@ impl Backend for MemoryBackend {
         let n = all.len();
         let _ = rows.send(all).await;
         Ok(n)
+    }
+
+    async fn fold(
+        &self,
+        key: &str,
+        variants: Vec<String>,
+    ) -> Result<Option<StoredRow>, BackendError> {
+        self.check()?;
+        let mut rows = self.rows.lock();
+        // The map has no ids: its order stands in for them.
+        let found: Vec<IdRow> = std::iter::once(key.to_owned())
+            .chain(variants)
+            .filter_map(|k| rows.get(&k).cloned())
+            .enumerate()
+            .map(|(id, row)| IdRow { id: id as i64, row })
+            .collect();
+        let Some(fold) = fold_rows(key, &found) else {
+            return Ok(None);
+        };
+        for r in &found {
+            rows.remove(&r.row.key);
+        }
+        rows.insert(key.to_owned(), fold.row.clone());
+        Ok(Some(fold.row))
     }
 
     async fn write(&self, batch: Arc<Batch>, ctx: WriteContext) -> Result<Written, BackendError> {

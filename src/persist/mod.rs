@@ -31,6 +31,58 @@ pub use flusher::{FinalFlush, FlushHandle, FlushSettings, Flusher};
 
 use crate::store::{Delta, StoredRow};
 
+/// The names of the table's columns. The Perl daemon let each be renamed
+/// (`$db_wherecol`, `$db_quotacol`, `$db_tallycol`, `$db_updatedcol`,
+/// `$db_expirycol`, `$db_persistcol`); a table renamed so works as it is.
+/// `id` keeps its name (the Perl daemon had no setting for it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Columns {
+    /// The key (`sender`).
+    pub sender: String,
+    /// `quota`.
+    pub quota: String,
+    /// The units used (`used`; the Perl daemon's "tally").
+    pub used: String,
+    /// `updated`.
+    pub updated: String,
+    /// `expiry`.
+    pub expiry: String,
+    /// `persist`.
+    pub persist: String,
+}
+
+impl Default for Columns {
+    fn default() -> Self {
+        Columns {
+            sender: "sender".into(),
+            quota: "quota".into(),
+            used: "used".into(),
+            updated: "updated".into(),
+            expiry: "expiry".into(),
+            persist: "persist".into(),
+        }
+    }
+}
+
+/// A table and its column names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Table {
+    /// The table's name (`ratelimit`); the batch ids go to `<name>_batches`.
+    pub name: String,
+    /// Its columns.
+    pub columns: Columns,
+}
+
+impl Table {
+    /// A table with the default column names.
+    pub fn named(name: &str) -> Table {
+        Table {
+            name: name.to_owned(),
+            columns: Columns::default(),
+        }
+    }
+}
+
 /// Most rows written in one transaction.
 pub const MAX_BATCH_ROWS: usize = 10_000;
 
@@ -193,6 +245,21 @@ pub trait Backend: Send + Sync + 'static {
         ctx: WriteContext,
     ) -> impl Future<Output = Result<Written, BackendError>> + Send;
 
+    /// Folds the rows of `variants` (keys that differ from `key` only by
+    /// case or surrounding blanks, as the Perl daemon stored logins as
+    /// typed) into one row for `key`, by [`fold_rows`], in one transaction:
+    /// the rows are locked, the kept row is written (renamed if needed), the
+    /// others deleted. Returns the folded row, or `None` if there was
+    /// nothing to fold any more.
+    fn fold(
+        &self,
+        key: &str,
+        variants: Vec<String>,
+    ) -> impl Future<Output = Result<Option<StoredRow>, BackendError>> + Send {
+        let _ = (key, variants);
+        async { Ok(None) }
+    }
+
     /// Forgets recorded batch ids older than `max_age_secs` (they can no
     /// longer be sent again).
     fn prune_batches(
@@ -212,7 +279,10 @@ pub trait Backend: Send + Sync + 'static {
 /// How a stored row changes by one delta. Every backend applies exactly
 /// this, in Rust, to the row it read (and locked) inside its transaction.
 ///
-/// - No row: insert one with the delta as `used` and the delta's window.
+/// - No row: insert one with the delta as `used` and the delta's window (and
+///   if the key had a row when the delta was taken, an administrator
+///   deleted it: the default quota, not persistent, unless the delta itself
+///   sets the quota).
 /// - Stored `expiry` older than the delta's window (or NULL): the window was
 ///   reset: `used` = delta, `expiry` = the delta's, and `quota` back to the
 ///   default unless `persist`.
@@ -225,13 +295,14 @@ pub trait Backend: Send + Sync + 'static {
 pub fn merge_delta(row: Option<StoredRow>, d: &Delta, default_quota: u32) -> StoredRow {
     let mut row = match row {
         None => {
+            let deleted = d.had_row && !d.set_quota;
             return StoredRow {
                 key: d.key.to_string(),
-                quota: d.quota,
+                quota: if deleted { default_quota } else { d.quota },
                 used: d.delta,
                 expiry: Some(d.window_expiry),
-                persist: d.persist,
-            }
+                persist: d.persist && !deleted,
+            };
         }
         Some(row) => row,
     };
@@ -259,6 +330,70 @@ pub fn merge_delta(row: Option<StoredRow>, d: &Delta, default_quota: u32) -> Sto
     row
 }
 
+/// A stored row with its table id, for [`fold_rows`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdRow {
+    /// The row's `id`.
+    pub id: i64,
+    /// The row.
+    pub row: StoredRow,
+}
+
+/// How several rows of one sender become one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fold {
+    /// The id of the row that stays (written with `row`).
+    pub keep: i64,
+    /// The folded row, under the normalised key.
+    pub row: StoredRow,
+    /// The ids of the rows that go.
+    pub delete: Vec<i64>,
+}
+
+/// The rule for folding rows that differ only by case (`MiXed@Example.com`,
+/// `mixed@example.com`) into the one the daemon uses, `key`:
+///
+/// - the window is the latest one among the rows (NULL counts as over);
+/// - `used` is the sum of `used` over the rows of that window (rows of
+///   earlier windows are finished and limit nothing);
+/// - if any row is persistent, the result is persistent, with the smallest
+///   of the persistent quotas (a blocked account, quota 0, stays blocked);
+///   otherwise the smallest quota among the rows of the latest window;
+/// - the row already named `key` stays if there is one (else the one with
+///   the lowest id, renamed), the others are deleted.
+///
+/// `None` for no rows.
+pub fn fold_rows(key: &str, rows: &[IdRow]) -> Option<Fold> {
+    let latest = rows.iter().map(|r| r.row.expiry.unwrap_or(0)).max()?;
+    let current = || rows.iter().filter(|r| r.row.expiry.unwrap_or(0) == latest);
+    let used = current().fold(0u32, |sum, r| sum.saturating_add(r.row.used));
+    let persistent = rows
+        .iter()
+        .filter(|r| r.row.persist)
+        .map(|r| r.row.quota)
+        .min();
+    let quota = persistent.or_else(|| current().map(|r| r.row.quota).min())?;
+    let keep = rows
+        .iter()
+        .find(|r| r.row.key == key)
+        .or_else(|| rows.iter().min_by_key(|r| r.id))?
+        .id;
+    Some(Fold {
+        keep,
+        row: StoredRow {
+            key: key.to_owned(),
+            quota,
+            used,
+            expiry: rows
+                .iter()
+                .find(|r| r.row.expiry.unwrap_or(0) == latest)
+                .and_then(|r| r.row.expiry),
+            persist: persistent.is_some(),
+        },
+        delete: rows.iter().map(|r| r.id).filter(|&id| id != keep).collect(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -272,6 +407,7 @@ mod tests {
             persist: false,
             set_quota: false,
             reset_used: false,
+            had_row: false,
         }
     }
 
@@ -291,6 +427,14 @@ mod tests {
             merge_delta(None, &delta(3, 100), 50),
             row(10, 3, Some(100), false)
         );
+        // The row was deleted since the delta was taken: a new sender.
+        let gone = Delta {
+            had_row: true,
+            quota: 0,
+            persist: true,
+            ..delta(3, 100)
+        };
+        assert_eq!(merge_delta(None, &gone, 50), row(50, 3, Some(100), false));
         assert_eq!(
             merge_delta(Some(row(7, 2, Some(100), false)), &delta(3, 100), 50),
             row(7, 5, Some(100), false)
@@ -317,6 +461,66 @@ mod tests {
             merge_delta(Some(row(7, u32::MAX, Some(100), false)), &delta(3, 100), 50).used,
             u32::MAX
         );
+    }
+
+    #[test]
+    fn fold_rule() {
+        let r = |id, key: &str, quota, used, expiry, persist| IdRow {
+            id,
+            row: StoredRow {
+                key: key.into(),
+                quota,
+                used,
+                expiry,
+                persist,
+            },
+        };
+        // Same window: used adds up; the persistent quota is kept.
+        let f = fold_rows(
+            "a@x",
+            &[
+                r(7, "A@x", 10, 3, Some(100), true),
+                r(9, "a@X", 1000, 4, Some(100), false),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            (f.keep, f.delete.clone()),
+            (7, vec![9]),
+            "lowest id renamed"
+        );
+        assert_eq!(f.row, row(10, 7, Some(100), true).keyed("a@x"));
+        // The exact key's row stays; an earlier window adds nothing; the
+        // smallest persistent quota (a block) wins.
+        let f = fold_rows(
+            "a@x",
+            &[
+                r(3, "A@X", 0, 50, Some(90), true),
+                r(5, "a@x", 1000, 2, Some(100), false),
+                r(6, "a@X ", 20, 1, None, true),
+            ],
+        )
+        .unwrap();
+        assert_eq!((f.keep, f.delete.clone()), (5, vec![3, 6]));
+        assert_eq!(f.row, row(0, 2, Some(100), true).keyed("a@x"));
+        // No persistent row: the smallest quota of the current window.
+        let f = fold_rows(
+            "a@x",
+            &[
+                r(1, "A@x", 5, 1, Some(100), false),
+                r(2, "a@X", 9, 1, Some(100), false),
+            ],
+        )
+        .unwrap();
+        assert_eq!((f.row.quota, f.row.used, f.row.persist), (5, 2, false));
+        assert_eq!(fold_rows("a@x", &[]), None);
+    }
+
+    impl StoredRow {
+        fn keyed(mut self, key: &str) -> StoredRow {
+            self.key = key.into();
+            self
+        }
     }
 
     #[test]

@@ -36,7 +36,8 @@ use mysql_async::{
 use tokio::sync::mpsc;
 
 use super::{
-    merge_delta, Backend, BackendError, Batch, Inspection, WriteContext, Written, SCAN_CHUNK,
+    fold_rows, merge_delta, Backend, BackendError, Batch, IdRow, Inspection, Table, WriteContext,
+    Written, SCAN_CHUNK,
 };
 use crate::store::{Delta, StoredRow};
 
@@ -52,24 +53,110 @@ const LOAD_TIMEOUT: Duration = Duration::from_secs(300);
 /// Attempts of one transaction that hits a deadlock or a lock wait timeout.
 const ATTEMPTS: usize = 3;
 
-/// The batch table's definition (also in `schema.sql`).
-fn batches_ddl(table: &str) -> String {
-    format!(
-        "CREATE TABLE IF NOT EXISTS `{table}_batches` (\
-           `daemon` BIGINT UNSIGNED NOT NULL, \
-           `seq` BIGINT UNSIGNED NOT NULL, \
-           `applied` TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP, \
-           PRIMARY KEY (`daemon`, `seq`), \
-           KEY `idx_applied` (`applied`)\
-         ) ENGINE = InnoDB"
-    )
+/// Every statement's text, made once from the table's and columns' names
+/// (plain identifiers, checked by the configuration), quoted with backticks.
+/// Statements with a variable number of rows are a prefix, the row
+/// placeholders, and a suffix.
+#[derive(Debug)]
+struct Statements {
+    /// The table's name, unquoted (for `information_schema`).
+    table: String,
+    /// The `updated` column's name, unquoted.
+    updated: String,
+    /// `SELECT id, sender, … FROM t WHERE sender IN (` … `) FOR UPDATE`.
+    lock_keys: String,
+    /// `SELECT id, FIELD(sender, ` … `) FROM t WHERE id IN (` … `)`: for
+    /// rows found but not literally a key, the position of the key the
+    /// column's collation holds them equal to.
+    match_rows: String,
+    /// Between the two lists of `match_rows`.
+    match_rows_where: String,
+    /// `INSERT INTO t (id, sender, …) VALUES ` … (rows by id).
+    write_rows: String,
+    /// ` ON DUPLICATE KEY UPDATE …` after `write_rows`.
+    write_rows_suffix: String,
+    /// `INSERT INTO t (sender, …) VALUES ` … (new senders).
+    insert_rows: String,
+    /// Every row.
+    select_all: String,
+    /// Rows updated at or after a unix time.
+    select_since: String,
+    /// `DELETE FROM t WHERE id IN (` … `)`.
+    delete_ids: String,
+    /// One row, written by id (a fold).
+    rewrite_row: String,
+    /// Reads every column once (fails on a missing table or column).
+    check_table: String,
+    /// Records a batch id.
+    record_batch: String,
+    /// Reads the batch table once.
+    check_batches: String,
+    /// Creates the batch table (also in `schema.sql`).
+    create_batches: String,
+    /// Removes old batch ids.
+    prune_batches: String,
+}
+
+impl Statements {
+    fn new(table: &Table) -> Statements {
+        let q = |name: &str| format!("`{name}`");
+        let c = &table.columns;
+        let (t, b) = (q(&table.name), q(&format!("{}_batches", table.name)));
+        let (s, qu, u, up, e, p) = (
+            q(&c.sender),
+            q(&c.quota),
+            q(&c.used),
+            q(&c.updated),
+            q(&c.expiry),
+            q(&c.persist),
+        );
+        let row = format!("{s}, {qu}, {u}, {e}, {p}");
+        Statements {
+            table: table.name.clone(),
+            updated: c.updated.clone(),
+            lock_keys: format!("SELECT id, {row} FROM {t} WHERE {s} IN ("),
+            match_rows: format!("SELECT id, FIELD({s}, "),
+            match_rows_where: format!(") FROM {t} WHERE id IN ("),
+            write_rows: format!("INSERT INTO {t} (id, {row}, {up}) VALUES "),
+            write_rows_suffix: format!(
+                " ON DUPLICATE KEY UPDATE {qu} = VALUES({qu}), {u} = VALUES({u}), \
+                 {e} = VALUES({e}), {p} = VALUES({p}), {up} = NOW()"
+            ),
+            insert_rows: format!("INSERT INTO {t} ({row}, {up}) VALUES "),
+            select_all: format!("SELECT {row} FROM {t}"),
+            select_since: format!("SELECT {row} FROM {t} WHERE {up} >= FROM_UNIXTIME(?)"),
+            delete_ids: format!("DELETE FROM {t} WHERE id IN ("),
+            rewrite_row: format!(
+                "UPDATE {t} SET {s} = ?, {qu} = ?, {u} = ?, {e} = ?, {p} = ?, {up} = NOW() \
+                 WHERE id = ?"
+            ),
+            check_table: format!("SELECT id, {row}, {up} FROM {t} LIMIT 0"),
+            record_batch: format!("INSERT INTO {b} (daemon, seq) VALUES (?, ?)"),
+            check_batches: format!("SELECT daemon, seq, applied FROM {b} LIMIT 0"),
+            create_batches: format!(
+                "CREATE TABLE IF NOT EXISTS {b} (\
+                   `daemon` BIGINT UNSIGNED NOT NULL, \
+                   `seq` BIGINT UNSIGNED NOT NULL, \
+                   `applied` TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP, \
+                   PRIMARY KEY (`daemon`, `seq`), \
+                   KEY `idx_applied` (`applied`)\
+                 ) ENGINE = InnoDB"
+            ),
+            prune_batches: format!("DELETE FROM {b} WHERE applied < NOW() - INTERVAL ? SECOND"),
+        }
+    }
+}
+
+/// `?, ?, …` for `n` values.
+fn placeholders(n: usize) -> String {
+    vec!["?"; n].join(",")
 }
 
 /// A pool of connections to one database.
 #[derive(Debug, Clone)]
 pub struct MysqlBackend {
     pool: Pool,
-    table: Arc<str>,
+    sql: Arc<Statements>,
     timeout: Duration,
     /// Whether `<table>_batches` can be used. Without it a flush whose
     /// outcome is unknown may be applied twice (a warning says so).
@@ -104,10 +191,16 @@ impl MysqlBackend {
         }
         Ok(MysqlBackend {
             pool: Pool::new(builder),
-            table: Arc::from(table),
+            sql: Arc::new(Statements::new(&Table::named(table))),
             timeout: DEFAULT_TIMEOUT,
             batches: Arc::new(AtomicBool::new(true)),
         })
+    }
+
+    /// Uses other column names (`database.columns`).
+    pub fn with_table(mut self, table: &Table) -> Self {
+        self.sql = Arc::new(Statements::new(table));
+        self
     }
 
     /// Sets the deadline of each operation (`database.timeout`).
@@ -135,17 +228,13 @@ impl MysqlBackend {
         &self,
         batch: &Batch,
         ctx: WriteContext,
-        storable: &[&Delta],
+        storable: &[(usize, &Delta)],
     ) -> Result<Written, mysql_async::Error> {
-        let t = &self.table;
         let mut conn = self.pool.get_conn().await?;
         let mut tx = conn.start_transaction(TxOpts::default()).await?;
         if self.batches.load(Ordering::Relaxed) {
             let recorded = tx
-                .exec_drop(
-                    format!("INSERT INTO `{t}_batches` (daemon, seq) VALUES (?, ?)"),
-                    (batch.id.daemon, batch.id.seq),
-                )
+                .exec_drop(&self.sql.record_batch, (batch.id.daemon, batch.id.seq))
                 .await;
             match recorded {
                 Ok(()) => {}
@@ -160,23 +249,52 @@ impl MysqlBackend {
                 Err(e) => return Err(e),
             }
         }
+        let mut skipped = Vec::new();
         for part in storable.chunks(ROWS_PER_STATEMENT) {
-            self.write_part(&mut tx, part, ctx).await?;
+            match self.write_part(&mut tx, part, ctx).await {
+                Ok(()) => {}
+                // The statement failed on its own (InnoDB undid just it; the
+                // transaction and the batch id stand): one delta at a time,
+                // to set aside only those the table cannot take.
+                Err(e) if one_by_one(&e) => {
+                    for &delta in part {
+                        match self.write_part(&mut tx, &[delta], ctx).await {
+                            Ok(()) => {}
+                            Err(e) if data_error(&e) => {
+                                log::error!(
+                                    "key {} cannot be stored in this table ({e}); it is limited \
+                                     in memory only",
+                                    crate::protocol::Escaped(&delta.1.key)
+                                );
+                                skipped.push(delta.0);
+                            }
+                            Err(e) => return Err(e),
+                        }
+                    }
+                }
+                Err(e) => return Err(e),
+            }
         }
         tx.commit().await?;
-        Ok(Written::default())
+        Ok(Written {
+            replayed: false,
+            skipped,
+        })
     }
 
-    /// Locks, merges and writes up to [`ROWS_PER_STATEMENT`] deltas.
+    /// Locks, merges and writes up to [`ROWS_PER_STATEMENT`] deltas. The
+    /// row the unique index sees as a key's is the one written: a row found
+    /// whose string is not literally a key (`alice@x ` is `alice@x` under
+    /// PAD SPACE, `José` is `jose` under a `_ci` collation) is matched by
+    /// the database itself (`FIELD` compares as the column does).
     async fn write_part(
         &self,
         tx: &mut Transaction<'_>,
-        part: &[&Delta],
+        part: &[(usize, &Delta)],
         ctx: WriteContext,
     ) -> Result<(), mysql_async::Error> {
-        let t = &self.table;
-        let placeholders = vec!["?"; part.len()].join(",");
-        let keys: Vec<Value> = part.iter().map(|d| Value::from(&*d.key)).collect();
+        let sql = &self.sql;
+        let keys: Vec<Value> = part.iter().map(|(_, d)| Value::from(&*d.key)).collect();
         type Raw = (
             i64,
             Vec<u8>,
@@ -187,32 +305,63 @@ impl MysqlBackend {
         );
         let found: Vec<Raw> = tx
             .exec(
-                format!(
-                    "SELECT id, sender, quota, used, expiry, persist FROM `{t}` \
-                     WHERE sender IN ({placeholders}) FOR UPDATE"
-                ),
-                Params::Positional(keys),
+                format!("{}{}) FOR UPDATE", sql.lock_keys, placeholders(part.len())),
+                Params::Positional(keys.clone()),
             )
             .await?;
-        let mut rows: HashMap<String, (i64, StoredRow)> = HashMap::with_capacity(found.len());
+        let position: HashMap<&str, usize> = part
+            .iter()
+            .enumerate()
+            .map(|(j, (_, d))| (&*d.key, j))
+            .collect();
+        // By the delta's position in `part`.
+        let mut rows: HashMap<usize, (i64, StoredRow)> = HashMap::with_capacity(found.len());
+        let mut unmatched: HashMap<i64, StoredRow> = HashMap::new();
         for (id, sender, quota, used, expiry, persist) in found {
-            let key = String::from_utf8_lossy(&sender).into_owned();
             let row = StoredRow {
-                key: key.clone(),
+                key: String::from_utf8_lossy(&sender).into_owned(),
                 quota: clamp_u32(quota.unwrap_or(0)),
                 used: clamp_u32(used.unwrap_or(0)),
                 expiry,
                 persist: persist.unwrap_or(0) != 0,
             };
-            // A case-insensitive collation finds `Alice@x` for `alice@x`.
-            rows.entry(key.to_lowercase()).or_insert((id, row.clone()));
-            rows.insert(key, (id, row));
+            match position.get(row.key.as_str()) {
+                Some(&j) => {
+                    rows.insert(j, (id, row));
+                }
+                None => {
+                    unmatched.insert(id, row);
+                }
+            }
+        }
+        if !unmatched.is_empty() {
+            // Rows the collation holds equal to a key without being the same
+            // string (rare): the database says whose they are.
+            let mut params = keys;
+            params.extend(unmatched.keys().map(|&id| Value::from(id)));
+            let owners: Vec<(i64, usize)> = tx
+                .exec(
+                    format!(
+                        "{}{}{}{})",
+                        sql.match_rows,
+                        placeholders(part.len()),
+                        sql.match_rows_where,
+                        placeholders(unmatched.len())
+                    ),
+                    Params::Positional(params),
+                )
+                .await?;
+            for (id, k) in owners {
+                if let (Some(row), true) = (unmatched.remove(&id), k > 0) {
+                    rows.entry(k - 1).or_insert((id, row));
+                }
+            }
         }
         let mut updates: Vec<Value> = Vec::new();
         let mut inserts: Vec<Value> = Vec::new();
         let (mut n_updates, mut n_inserts) = (0, 0);
-        for d in part {
-            match rows.remove(&*d.key) {
+        for (j, (_, d)) in part.iter().enumerate() {
+            match rows.remove(&j) {
                 Some((id, row)) => {
                     let merged = merge_delta(Some(row.clone()), d, ctx.default_quota);
                     if merged != row {
@@ -231,12 +380,7 @@ impl MysqlBackend {
         if n_updates > 0 {
             let values = vec!["(?, ?, ?, ?, ?, ?, NOW())"; n_updates].join(",");
             tx.exec_drop(
-                format!(
-                    "INSERT INTO `{t}` (id, sender, quota, used, expiry, persist, updated) \
-                     VALUES {values} ON DUPLICATE KEY UPDATE quota = VALUES(quota), \
-                     used = VALUES(used), expiry = VALUES(expiry), persist = VALUES(persist), \
-                     updated = NOW()"
-                ),
+                format!("{}{values}{}", sql.write_rows, sql.write_rows_suffix),
                 Params::Positional(updates),
             )
             .await?;
@@ -244,10 +388,7 @@ impl MysqlBackend {
         if n_inserts > 0 {
             let values = vec!["(?, ?, ?, ?, ?, NOW())"; n_inserts].join(",");
             tx.exec_drop(
-                format!(
-                    "INSERT INTO `{t}` (sender, quota, used, expiry, persist, updated) \
-                     VALUES {values}"
-                ),
+                format!("{}{values}", sql.insert_rows),
                 Params::Positional(inserts),
             )
             .await?;
@@ -265,14 +406,12 @@ impl MysqlBackend {
     ) -> Result<usize, BackendError> {
         use futures_util::StreamExt;
         let mut conn = self.pool.get_conn().await.map_err(classify)?;
-        let t = &self.table;
-        let mut sql = format!("SELECT sender, quota, used, expiry, persist FROM `{t}`");
-        let params = match since {
-            Some(at) => {
-                sql.push_str(" WHERE updated >= FROM_UNIXTIME(?)");
-                Params::Positional(vec![Value::from(at)])
-            }
-            None => Params::Empty,
+        let (sql, params) = match since {
+            Some(at) => (
+                &self.sql.select_since,
+                Params::Positional(vec![Value::from(at)]),
+            ),
+            None => (&self.sql.select_all, Params::Empty),
         };
         let mut n = 0usize;
         let mut bad = 0usize;
@@ -312,7 +451,10 @@ impl MysqlBackend {
             let _ = rows.send(chunk).await;
         }
         if bad > 0 {
-            log::warn!("{bad} rows of {t} could not be read and were skipped");
+            log::warn!(
+                "{bad} rows of {} could not be read and were skipped",
+                self.sql.table
+            );
         }
         Ok(n)
     }
@@ -328,24 +470,73 @@ impl MysqlBackend {
         })
     }
 
+    async fn fold_now(
+        &self,
+        key: &str,
+        variants: &[String],
+    ) -> Result<Option<StoredRow>, mysql_async::Error> {
+        let sql = &self.sql;
+        let mut conn = self.pool.get_conn().await?;
+        let mut tx = conn.start_transaction(TxOpts::default()).await?;
+        let mut keys: Vec<Value> = vec![Value::from(key)];
+        keys.extend(variants.iter().map(|v| Value::from(v.as_str())));
+        type Raw = (
+            i64,
+            Vec<u8>,
+            Option<i64>,
+            Option<i64>,
+            Option<i64>,
+            Option<i64>,
+        );
+        let found: Vec<Raw> = tx
+            .exec(
+                format!("{}{}) FOR UPDATE", sql.lock_keys, placeholders(keys.len())),
+                Params::Positional(keys),
+            )
+            .await?;
+        let rows: Vec<IdRow> = found
+            .into_iter()
+            .map(|(id, sender, quota, used, expiry, persist)| IdRow {
+                id,
+                row: StoredRow {
+                    key: String::from_utf8_lossy(&sender).into_owned(),
+                    quota: clamp_u32(quota.unwrap_or(0)),
+                    used: clamp_u32(used.unwrap_or(0)),
+                    expiry,
+                    persist: persist.unwrap_or(0) != 0,
+                },
+            })
+            .collect();
+        let Some(fold) = fold_rows(key, &rows) else {
+            tx.rollback().await?;
+            return Ok(None);
+        };
+        if !fold.delete.is_empty() {
+            tx.exec_drop(
+                format!("{}{})", sql.delete_ids, placeholders(fold.delete.len())),
+                Params::Positional(fold.delete.iter().map(|&id| Value::from(id)).collect()),
+            )
+            .await?;
+        }
+        let mut params = Vec::new();
+        push_row(&mut params, key, &fold.row);
+        params.push(Value::from(fold.keep));
+        tx.exec_drop(&sql.rewrite_row, Params::Positional(params))
+            .await?;
+        tx.commit().await?;
+        Ok(Some(fold.row))
+    }
+
     async fn inspect_now(&self) -> Result<Inspection, BackendError> {
-        let t = &self.table;
+        let sql = &self.sql;
+        let t = &sql.table;
         let mut conn = self.pool.get_conn().await.map_err(classify)?;
         // The table and its columns (a missing one is fatal: 1146, 1054).
-        conn.query_drop(format!(
-            "SELECT id, sender, quota, used, expiry, persist, updated FROM `{t}` LIMIT 0"
-        ))
-        .await
-        .map_err(classify)?;
+        conn.query_drop(&sql.check_table).await.map_err(classify)?;
         let mut warnings = Vec::new();
-        let batches_ok = match conn
-            .query_drop(format!(
-                "SELECT daemon, seq, applied FROM `{t}_batches` LIMIT 0"
-            ))
-            .await
-        {
+        let batches_ok = match conn.query_drop(&sql.check_batches).await {
             Ok(()) => true,
-            Err(_) => match conn.query_drop(batches_ddl(t)).await {
+            Err(_) => match conn.query_drop(&sql.create_batches).await {
                 Ok(()) => {
                     crate::notice!("created table {t}_batches (flushes are recorded there, so none is applied twice)");
                     true
@@ -364,17 +555,18 @@ impl MysqlBackend {
         let extra: Option<String> = conn
             .exec_first(
                 "SELECT EXTRA FROM information_schema.COLUMNS \
-                 WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? AND COLUMN_NAME = 'updated'",
-                (t.as_ref(),),
+                 WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? AND COLUMN_NAME = ?",
+                (t.as_str(), sql.updated.as_str()),
             )
             .await
             .map_err(classify)?;
         if !extra.is_some_and(|e| e.to_ascii_lowercase().contains("on update")) {
             warnings.push(format!(
-                "{t}.updated has no ON UPDATE CURRENT_TIMESTAMP: edits made in the database that \
+                "{t}.{} has no ON UPDATE CURRENT_TIMESTAMP: edits made in the database that \
                  do not set `updated` take effect at the next full re-read \
                  (database.reconcile_interval), not within refresh_interval; schema-migrate.sql \
-                 adds it"
+                 adds it",
+                sql.updated
             ));
         }
         Ok(Inspection { warnings })
@@ -398,10 +590,26 @@ fn clamp_u32(v: i64) -> u32 {
     u32::try_from(v.max(0)).unwrap_or(u32::MAX)
 }
 
-/// Deadlock (1213, also a Galera certification failure) and lock wait
-/// timeout (1205): the transaction can simply be tried again.
+/// Deadlock (1213, also a Galera certification failure), lock wait timeout
+/// (1205), and a duplicate key on a new sender's row (1062: another daemon
+/// inserted it meanwhile, or did so under a collation that holds it equal):
+/// the transaction can simply be tried again.
 fn retryable(e: &mysql_async::Error) -> bool {
-    matches!(e, mysql_async::Error::Server(s) if matches!(s.code, 1205 | 1213))
+    matches!(e, mysql_async::Error::Server(s) if matches!(s.code, 1062 | 1205 | 1213))
+}
+
+/// A value the table cannot take: a string not in the column's character
+/// set (1267, 1270, 1271, 1366), too long (1406), a number out of range
+/// (1264), truncated (1265, 1292). Only the statement failed.
+fn data_error(e: &mysql_async::Error) -> bool {
+    matches!(e, mysql_async::Error::Server(s)
+        if matches!(s.code, 1264 | 1265 | 1267 | 1270 | 1271 | 1292 | 1366 | 1406))
+}
+
+/// A statement error worth going one delta at a time for: a data error, or
+/// a duplicate key (two of our keys the collation holds equal).
+fn one_by_one(e: &mysql_async::Error) -> bool {
+    data_error(e) || matches!(e, mysql_async::Error::Server(s) if s.code == 1062)
 }
 
 /// Server errors about the schema or the statement are permanent; the rest
@@ -470,7 +678,7 @@ impl Backend for MysqlBackend {
         let mut storable_deltas = Vec::with_capacity(batch.deltas.len());
         for (i, d) in batch.deltas.iter().enumerate() {
             if storable(&d.key) {
-                storable_deltas.push(d);
+                storable_deltas.push((i, d));
             } else {
                 skipped.push(i);
                 log::warn!(
@@ -488,7 +696,8 @@ impl Backend for MysqlBackend {
                     Err(e) if retryable(&e) && attempt < ATTEMPTS => {
                         log::debug!("mysql: {e}; trying the transaction again");
                         attempt += 1;
-                        let jitter = 50 + u64::from(batch.id.seq as u32 % 250);
+                        // Different daemons (and attempts) wait different times.
+                        let jitter = 50 + (batch.id.daemon ^ batch.id.seq) % 250;
                         tokio::time::sleep(Duration::from_millis(jitter)).await;
                     }
                     Err(e) => return Err(classify(e)),
@@ -498,23 +707,30 @@ impl Backend for MysqlBackend {
         let mut written = self
             .bounded(self.timeout, "a write transaction", attempts)
             .await?;
-        written.skipped = skipped;
+        written.skipped.extend(skipped);
         Ok(written)
+    }
+
+    async fn fold(
+        &self,
+        key: &str,
+        variants: Vec<String>,
+    ) -> Result<Option<StoredRow>, BackendError> {
+        self.bounded(self.timeout, "folding rows", async {
+            self.fold_now(key, &variants).await.map_err(classify)
+        })
+        .await
     }
 
     async fn prune_batches(&self, max_age_secs: i64) -> Result<(), BackendError> {
         if !self.batches.load(Ordering::Relaxed) {
             return Ok(());
         }
-        let t = &self.table;
         self.bounded(self.timeout, "removing old batch ids", async {
             let mut conn = self.pool.get_conn().await.map_err(classify)?;
-            conn.exec_drop(
-                format!("DELETE FROM `{t}_batches` WHERE applied < NOW() - INTERVAL ? SECOND"),
-                (max_age_secs,),
-            )
-            .await
-            .map_err(classify)
+            conn.exec_drop(&self.sql.prune_batches, (max_age_secs,))
+                .await
+                .map_err(classify)
         })
         .await
     }
@@ -545,8 +761,12 @@ mod tests {
                 state: String::new(),
             })
         };
-        assert!(retryable(&server(1213)) && retryable(&server(1205)));
-        assert!(!retryable(&server(1062)) && !retryable(&server(1142)));
+        assert!(retryable(&server(1213)) && retryable(&server(1205)) && retryable(&server(1062)));
+        assert!(!retryable(&server(1142)) && !retryable(&server(1366)));
+        assert!(
+            data_error(&server(1366)) && data_error(&server(1267)) && !data_error(&server(1062))
+        );
+        assert!(one_by_one(&server(1062)) && !one_by_one(&server(1213)));
         assert!(matches!(classify(server(1146)), BackendError::Fatal(_)));
         assert!(matches!(
             classify(server(1142)),

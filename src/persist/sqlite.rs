@@ -24,7 +24,10 @@ use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, Tran
 
 use tokio::sync::mpsc;
 
-use super::{merge_delta, Backend, BackendError, Batch, WriteContext, Written, SCAN_CHUNK};
+use super::{
+    fold_rows, merge_delta, Backend, BackendError, Batch, IdRow, Table, WriteContext, Written,
+    SCAN_CHUNK,
+};
 use crate::store::StoredRow;
 
 /// How long a statement waits for a lock held by another connection.
@@ -39,7 +42,7 @@ pub struct SqliteBackend {
 #[derive(Debug)]
 struct Inner {
     path: PathBuf,
-    table: String,
+    sql: Statements,
     /// `None` after an error: reopened on the next use.
     conn: Mutex<Option<Connection>>,
 }
@@ -55,9 +58,19 @@ impl SqliteBackend {
     /// [`BackendError::Fatal`] for a file that is not a usable database;
     /// [`BackendError::Unavailable`] when its directory does not exist.
     pub fn open(path: &Path, table: &str) -> Result<Self, BackendError> {
+        Self::open_table(path, &Table::named(table))
+    }
+
+    /// [`SqliteBackend::open`] with the column names of `table`
+    /// (`database.columns`).
+    ///
+    /// # Errors
+    ///
+    /// As [`SqliteBackend::open`].
+    pub fn open_table(path: &Path, table: &Table) -> Result<Self, BackendError> {
         let inner = Inner {
             path: path.to_owned(),
-            table: table.to_owned(),
+            sql: Statements::new(table),
             conn: Mutex::new(None),
         };
         match inner.connect() {
@@ -95,6 +108,91 @@ impl SqliteBackend {
     }
 }
 
+/// Every statement's text, made once from the table's and columns' names
+/// (plain identifiers, checked by the configuration), quoted.
+#[derive(Debug)]
+struct Statements {
+    /// Creates what is missing: the table, its index, the batch table, the
+    /// trigger that keeps `updated` for edits made by hand.
+    create: String,
+    select_all: String,
+    select_since: String,
+    record_batch: String,
+    /// id, quota, used, expiry, persist of one sender.
+    find: String,
+    /// Writes one row by id.
+    update: String,
+    insert: String,
+    /// id, sender, quota, used, expiry, persist of one sender (a fold).
+    find_with_key: String,
+    delete_id: String,
+    /// Writes one row by id, its key included (a fold).
+    rewrite: String,
+    prune: String,
+}
+
+impl Statements {
+    fn new(table: &Table) -> Statements {
+        let q = |name: &str| format!("\"{name}\"");
+        let c = &table.columns;
+        let t = q(&table.name);
+        let b = q(&format!("{}_batches", table.name));
+        let (s, qu, u, up, e, p) = (
+            q(&c.sender),
+            q(&c.quota),
+            q(&c.used),
+            q(&c.updated),
+            q(&c.expiry),
+            q(&c.persist),
+        );
+        let index = q(&format!("{}_updated", table.name));
+        let trigger = q(&format!("{}_touch", table.name));
+        let row = format!("{s}, {qu}, {u}, {e}, {p}");
+        Statements {
+            create: format!(
+                "CREATE TABLE IF NOT EXISTS {t} (
+                    id INTEGER PRIMARY KEY AUTOINCREMENT,
+                    {s} TEXT NOT NULL UNIQUE,
+                    {qu} INTEGER NOT NULL DEFAULT 0,
+                    {u} INTEGER NOT NULL DEFAULT 0,
+                    {up} TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP,
+                    {e} INTEGER,
+                    {p} INTEGER NOT NULL DEFAULT 0
+                );
+                CREATE INDEX IF NOT EXISTS {index} ON {t} ({up});
+                CREATE TABLE IF NOT EXISTS {b} (
+                    daemon INTEGER NOT NULL,
+                    seq INTEGER NOT NULL,
+                    applied TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP,
+                    PRIMARY KEY (daemon, seq)
+                );
+                CREATE TRIGGER IF NOT EXISTS {trigger}
+                    AFTER UPDATE OF {row} ON {t}
+                    WHEN NEW.{up} IS OLD.{up}
+                    BEGIN
+                        UPDATE {t} SET {up} = CURRENT_TIMESTAMP WHERE id = NEW.id;
+                    END;"
+            ),
+            select_all: format!("SELECT {row} FROM {t}"),
+            select_since: format!("SELECT {row} FROM {t} WHERE {up} >= ?1"),
+            record_batch: format!("INSERT INTO {b} (daemon, seq) VALUES (?1, ?2)"),
+            find: format!("SELECT id, {qu}, {u}, {e}, {p} FROM {t} WHERE {s} = ?1"),
+            update: format!(
+                "UPDATE {t} SET {qu} = ?2, {u} = ?3, {e} = ?4, {p} = ?5, {up} = ?6 WHERE id = ?1"
+            ),
+            insert: format!("INSERT INTO {t} ({row}, {up}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"),
+            find_with_key: format!("SELECT id, {row} FROM {t} WHERE {s} = ?1"),
+            delete_id: format!("DELETE FROM {t} WHERE id = ?1"),
+            rewrite: format!(
+                "UPDATE {t} SET {s} = ?1, {qu} = ?2, {u} = ?3, {e} = ?4, {p} = ?5 WHERE id = ?6"
+            ),
+            prune: format!(
+                "DELETE FROM {b} WHERE applied < datetime('now', '-' || ?1 || ' seconds')"
+            ),
+        }
+    }
+}
+
 /// `YYYY-MM-DD HH:MM:SS` in UTC, SQLite's CURRENT_TIMESTAMP format.
 fn timestamp(unix: i64) -> String {
     chrono::DateTime::from_timestamp(unix, 0)
@@ -122,32 +220,7 @@ impl Inner {
         // survives a power cut (NORMAL would sync only at checkpoints).
         conn.pragma_update(None, "synchronous", "FULL")
             .map_err(what)?;
-        let t = &self.table;
-        conn.execute_batch(&format!(
-            "CREATE TABLE IF NOT EXISTS {t} (
-                id INTEGER PRIMARY KEY AUTOINCREMENT,
-                sender TEXT NOT NULL UNIQUE,
-                quota INTEGER NOT NULL DEFAULT 0,
-                used INTEGER NOT NULL DEFAULT 0,
-                updated TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP,
-                expiry INTEGER,
-                persist INTEGER NOT NULL DEFAULT 0
-            );
-            CREATE INDEX IF NOT EXISTS {t}_updated ON {t} (updated);
-            CREATE TABLE IF NOT EXISTS {t}_batches (
-                daemon INTEGER NOT NULL,
-                seq INTEGER NOT NULL,
-                applied TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP,
-                PRIMARY KEY (daemon, seq)
-            );
-            CREATE TRIGGER IF NOT EXISTS {t}_touch
-                AFTER UPDATE OF sender, quota, used, expiry, persist ON {t}
-                WHEN NEW.updated IS OLD.updated
-                BEGIN
-                    UPDATE {t} SET updated = CURRENT_TIMESTAMP WHERE id = NEW.id;
-                END;"
-        ))
-        .map_err(what)?;
+        conn.execute_batch(&self.sql.create).map_err(what)?;
         Ok(conn)
     }
 
@@ -178,12 +251,12 @@ impl Inner {
     ) -> Result<usize, BackendError> {
         self.with_conn(|conn| {
             let what = |e| classify(&self.path, e);
-            let t = &self.table;
-            let mut sql = format!("SELECT sender, quota, used, expiry, persist FROM {t}");
-            if since.is_some() {
-                sql.push_str(" WHERE updated >= ?1");
-            }
-            let mut stmt = conn.prepare(&sql).map_err(what)?;
+            let sql = if since.is_some() {
+                &self.sql.select_since
+            } else {
+                &self.sql.select_all
+            };
+            let mut stmt = conn.prepare(sql).map_err(what)?;
             let mut rows = match since {
                 Some(at) => stmt.query([at]),
                 None => stmt.query([]),
@@ -217,7 +290,7 @@ impl Inner {
     }
 
     fn write(&self, batch: &Batch, ctx: WriteContext) -> Result<Written, BackendError> {
-        let t = &self.table;
+        let sql = &self.sql;
         let updated = timestamp(ctx.now);
         self.with_conn(|conn| {
             let what = |e| classify(&self.path, e);
@@ -225,7 +298,7 @@ impl Inner {
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(what)?;
             let recorded = tx.execute(
-                &format!("INSERT INTO {t}_batches (daemon, seq) VALUES (?1, ?2)"),
+                &sql.record_batch,
                 params![batch.id.daemon as i64, batch.id.seq as i64],
             );
             match recorded {
@@ -240,23 +313,9 @@ impl Inner {
                 Err(e) => return Err(what(e)),
             }
             {
-                let mut find = tx
-                    .prepare_cached(&format!(
-                        "SELECT id, quota, used, expiry, persist FROM {t} WHERE sender = ?1"
-                    ))
-                    .map_err(what)?;
-                let mut update = tx
-                    .prepare_cached(&format!(
-                        "UPDATE {t} SET quota = ?2, used = ?3, expiry = ?4, persist = ?5, updated = ?6 \
-                         WHERE id = ?1"
-                    ))
-                    .map_err(what)?;
-                let mut insert = tx
-                    .prepare_cached(&format!(
-                        "INSERT INTO {t} (sender, quota, used, expiry, persist, updated) \
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
-                    ))
-                    .map_err(what)?;
+                let mut find = tx.prepare_cached(&sql.find).map_err(what)?;
+                let mut update = tx.prepare_cached(&sql.update).map_err(what)?;
+                let mut insert = tx.prepare_cached(&sql.insert).map_err(what)?;
                 for d in &batch.deltas {
                     let found = find
                         .query_row([&*d.key], |r| {
@@ -310,17 +369,57 @@ impl Inner {
         })
     }
 
-    fn prune_batches(&self, max_age_secs: i64) -> Result<(), BackendError> {
-        let t = &self.table;
+    fn fold(&self, key: &str, variants: &[String]) -> Result<Option<StoredRow>, BackendError> {
+        let sql = &self.sql;
         self.with_conn(|conn| {
-            conn.execute(
-                &format!(
-                    "DELETE FROM {t}_batches WHERE applied < datetime('now', '-' || ?1 || ' seconds')"
-                ),
-                [max_age_secs],
+            let what = |e| classify(&self.path, e);
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(what)?;
+            let mut rows = Vec::new();
+            {
+                let mut find = tx.prepare_cached(&sql.find_with_key).map_err(what)?;
+                for k in std::iter::once(key).chain(variants.iter().map(String::as_str)) {
+                    let found = find
+                        .query_row([k], |r| {
+                            Ok(IdRow {
+                                id: r.get(0)?,
+                                row: StoredRow {
+                                    key: r.get(1)?,
+                                    quota: clamp_u32(r.get::<_, Option<i64>>(2)?.unwrap_or(0)),
+                                    used: clamp_u32(r.get::<_, Option<i64>>(3)?.unwrap_or(0)),
+                                    expiry: r.get(4)?,
+                                    persist: r.get::<_, Option<i64>>(5)?.unwrap_or(0) != 0,
+                                },
+                            })
+                        })
+                        .optional()
+                        .map_err(what)?;
+                    rows.extend(found);
+                }
+            }
+            let Some(fold) = fold_rows(key, &rows) else {
+                return Ok(None);
+            };
+            for id in &fold.delete {
+                tx.execute(&sql.delete_id, [id]).map_err(what)?;
+            }
+            let r = &fold.row;
+            tx.execute(
+                &sql.rewrite,
+                params![key, r.quota, r.used, r.expiry, r.persist, fold.keep],
             )
-            .map(|_| ())
-            .map_err(|e| classify(&self.path, e))
+            .map_err(what)?;
+            tx.commit().map_err(what)?;
+            Ok(Some(fold.row))
+        })
+    }
+
+    fn prune_batches(&self, max_age_secs: i64) -> Result<(), BackendError> {
+        self.with_conn(|conn| {
+            conn.execute(&self.sql.prune, [max_age_secs])
+                .map(|_| ())
+                .map_err(|e| classify(&self.path, e))
         })
     }
 }
@@ -384,6 +483,16 @@ impl Backend for SqliteBackend {
         self.blocking(move |inner| inner.write(&batch, ctx)).await
     }
 
+    async fn fold(
+        &self,
+        key: &str,
+        variants: Vec<String>,
+    ) -> Result<Option<StoredRow>, BackendError> {
+        let key = key.to_owned();
+        self.blocking(move |inner| inner.fold(&key, &variants))
+            .await
+    }
+
     async fn prune_batches(&self, max_age_secs: i64) -> Result<(), BackendError> {
         self.blocking(move |inner| inner.prune_batches(max_age_secs))
             .await
@@ -405,6 +514,7 @@ mod tests {
             persist: false,
             set_quota: false,
             reset_used: false,
+            had_row: false,
         }
     }
 

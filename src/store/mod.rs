@@ -20,8 +20,12 @@
 pub mod counter;
 pub mod window;
 
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
+use parking_lot::RwLock;
 
 pub use counter::{Charge, Counter, Rules};
 pub use window::{Calendar, Period};
@@ -48,7 +52,8 @@ pub struct Outcome {
     pub quota: u32,
     /// End of the counter's window, unix seconds.
     pub expiry: i64,
-    /// True when this call created the counter (a new sender).
+    /// True for a new sender: this call created the counter and the backend
+    /// has no row for the key either (as far as this daemon knows).
     pub inserted: bool,
     /// True for the first refusal of this key in this window.
     pub first_refusal: bool,
@@ -89,6 +94,36 @@ pub struct Delta {
     /// An administrator reset the counter: the stored `used` becomes `delta`
     /// (for the same window) instead of growing by it.
     pub reset_used: bool,
+    /// The backend had a row for the key when the delta was taken. If the row
+    /// is gone when the delta is written, an administrator deleted it: the
+    /// sender starts again as a new one (default quota, not persistent).
+    pub had_row: bool,
+}
+
+/// What a flush not yet confirmed by the backend carries for one key, for
+/// [`CounterStore::merge_stored`]: its units are not in the database yet,
+/// and an administrator's change in it is not either.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct InFlight {
+    /// The window the units belong to (the latest, if several).
+    pub window: i64,
+    /// Units for that window.
+    pub units: u32,
+    /// It carries a set-quota: memory's quota and persist stand.
+    pub set_quota: bool,
+    /// It carries a reset of that window: memory's `used` stands.
+    pub reset_used: bool,
+}
+
+/// A key as the store holds it: trimmed and lower-cased (SPEC §4). Borrowed
+/// when it already is.
+pub fn normalize_key(key: &str) -> std::borrow::Cow<'_, str> {
+    let key = key.trim();
+    if key.chars().any(char::is_uppercase) {
+        std::borrow::Cow::Owned(key.to_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(key)
+    }
 }
 
 /// The map's hasher: foldhash is several times faster than SipHash on short
@@ -100,6 +135,14 @@ type Hasher = foldhash::fast::RandomState;
 #[derive(Debug)]
 pub struct CounterStore {
     map: DashMap<Box<str>, Counter, Hasher>,
+    /// Keys that have a row in the backend but no counter in memory (the row
+    /// carries nothing: its window is over and its quota not persistent),
+    /// as hashes, with the generation of the full re-read that saw the row.
+    /// A sender found here is a returning one, not a new one (logged
+    /// `UPDATE`, not `INSERT`); 16 bytes or so per key instead of a counter.
+    resting: RwLock<HashMap<u64, u8, Hasher>>,
+    /// Hashes keys for `resting`.
+    hasher: Hasher,
 }
 
 impl Default for CounterStore {
@@ -117,7 +160,13 @@ impl CounterStore {
     pub fn new() -> Self {
         CounterStore {
             map: DashMap::with_hasher_and_shard_amount(Hasher::default(), SHARDS),
+            resting: RwLock::new(HashMap::default()),
+            hasher: Hasher::default(),
         }
+    }
+
+    fn key_hash(&self, key: &str) -> u64 {
+        self.hasher.hash_one(key)
     }
 
     /// Rolls the key's window if it has ended, charges `amount` and compares
@@ -131,8 +180,11 @@ impl CounterStore {
         match self.map.entry(Box::from(key)) {
             Entry::Occupied(mut e) => Self::charge_counter(e.get_mut(), amount, now, limit, false),
             Entry::Vacant(e) => {
+                // A row that rests in the backend makes this a returning
+                // sender, not a new one.
+                let returning = self.resting.read().contains_key(&self.key_hash(key));
                 let fresh = Counter::new(limit.rules.default_quota, limit.calendar.window_end(now));
-                Self::charge_counter(&mut e.insert(fresh), amount, now, limit, true)
+                Self::charge_counter(&mut e.insert(fresh), amount, now, limit, !returning)
             }
         }
     }
@@ -197,6 +249,7 @@ impl CounterStore {
                 persist: c.persist,
                 set_quota: c.set_quota,
                 reset_used: c.reset_used,
+                had_row: c.stored,
             });
             c.pending = 0;
             c.set_quota = false;
@@ -240,17 +293,37 @@ impl CounterStore {
             reset += 1;
             true
         });
+        self.resting.write().retain(|_, m| *m == mark);
         before.saturating_sub(self.map.len()) + reset
+    }
+
+    /// How many keys rest in the backend without a counter in memory.
+    pub fn resting(&self) -> usize {
+        self.resting.read().len()
     }
 
     /// Removes counters that carry no information: window over, nothing
     /// pending, quota not persistent. Such a key behaves exactly like a new
     /// one. Returns how many were removed.
     pub fn evict_idle(&self, now: i64) -> usize {
+        let mut resting = Vec::new();
         let before = self.map.len();
-        self.map
-            .retain(|_, c| !(now >= c.expiry && c.pending == 0 && !c.persist));
+        self.map.retain(|key, c| {
+            let idle = Self::is_idle(c, now);
+            if idle && c.stored {
+                resting.push((self.key_hash(key), c.mark));
+            }
+            !idle
+        });
+        self.resting.write().extend(resting);
         before.saturating_sub(self.map.len())
+    }
+
+    /// Carries no information: window over, nothing pending, no admin change
+    /// waiting, quota not persistent. Such a counter behaves exactly like a
+    /// new one.
+    fn is_idle(c: &Counter, now: i64) -> bool {
+        now >= c.expiry && c.pending == 0 && !c.persist && !c.set_quota && !c.reset_used
     }
 
     /// Sets a key's quota and persist flag now (creating the key if needed);
@@ -307,11 +380,13 @@ impl CounterStore {
     /// The database is the authority for `quota` and `persist` — except while
     /// an administrator's change made here waits to be written — and for
     /// `used`, to which the usage not yet written from here is added: the
-    /// counter's `pending`, and `unconfirmed` = (window end, units) taken by
-    /// a flush the backend has not confirmed yet (counted as not stored: if
-    /// that flush did commit, memory counts them twice until it is
-    /// confirmed, which errs on the side of refusing). Which window counts
-    /// is decided by what has finished at `now`:
+    /// counter's `pending`, and the units of `unconfirmed`, taken by a flush
+    /// the backend has not confirmed yet (counted as not stored: if that
+    /// flush did commit, memory counts them twice until the row is read
+    /// again, which errs on the side of refusing). An administrator's
+    /// set-quota or reset in that flush stands against the row like one still
+    /// pending. Which window counts is decided by what has finished at
+    /// `now`:
     ///
     /// - key not in memory: the row is taken as it is;
     /// - same window: `used` = stored `used` + `pending` (the stored value
@@ -327,28 +402,33 @@ impl CounterStore {
     ///   write; only a persistent quota is taken from the row.
     ///
     /// The counter is marked as stored and seen by the re-read `mark`.
-    pub fn merge_stored(
-        &self,
-        row: StoredRow,
-        now: i64,
-        mark: u8,
-        unconfirmed: Option<(i64, u32)>,
-    ) {
+    pub fn merge_stored(&self, row: StoredRow, now: i64, mark: u8, unconfirmed: Option<InFlight>) {
         let Some(mut c) = self.map.get_mut(row.key.as_str()) else {
-            self.load(row, mark);
+            let counter = Counter {
+                used: row.used,
+                persist: row.persist,
+                ..Counter::new(row.quota, row.expiry.unwrap_or(0))
+            };
+            if Self::is_idle(&counter, now) {
+                let h = self.key_hash(&row.key);
+                self.resting.write().insert(h, mark);
+            } else {
+                self.load(row, mark);
+            }
             return;
         };
         c.stored = true;
         c.mark = mark;
         let expiry = row.expiry.unwrap_or(0);
-        let take_quota = !c.set_quota;
+        let flying = unconfirmed.unwrap_or_default();
+        let take_quota = !c.set_quota && !flying.set_quota;
         if expiry == c.expiry || (expiry > now && c.expiry > now) {
-            let in_flight = match unconfirmed {
-                Some((window, units)) if window == c.expiry => units,
-                _ => 0,
-            };
+            let same = flying.window == c.expiry;
+            let in_flight = if same { flying.units } else { 0 };
             c.expiry = expiry;
-            if !c.reset_used {
+            // A reset, here or in flight, makes memory's `used` stand.
+            let reset = c.reset_used || (same && flying.reset_used);
+            if !reset {
                 c.used = row.used.saturating_add(c.pending).saturating_add(in_flight);
             }
         } else if expiry > now {
@@ -609,6 +689,44 @@ mod tests {
     }
 
     #[test]
+    fn senders_with_a_resting_row_are_not_new() {
+        let s = CounterStore::new();
+        let l = limit(10);
+        let row = |key: &str, expiry, persist| StoredRow {
+            key: key.into(),
+            quota: 3,
+            used: 2,
+            expiry: Some(expiry),
+            persist,
+        };
+        // Idle rows (window over, not persistent) rest: no counter.
+        s.merge_stored(row("idle", 50, false), 60, 1, None);
+        s.merge_stored(row("live", 100, false), 60, 1, None);
+        s.merge_stored(row("vip", 50, true), 60, 1, None);
+        assert!(s.get("idle").is_none() && s.get("live").is_some() && s.get("vip").is_some());
+        assert_eq!(s.resting(), 1);
+        assert!(
+            !s.check_and_increment("idle", 1, 60, &l).inserted,
+            "returning"
+        );
+        assert!(s.check_and_increment("brand-new", 1, 60, &l).inserted);
+        // A stored counter evicted after its window rests too.
+        s.mark_stored(["brand-new"]);
+        s.check_and_increment("idle", 0, 60, &l);
+        s.take_dirty();
+        assert_eq!(s.evict_idle(200), 3, "idle, brand-new, live");
+        assert!(!s.check_and_increment("brand-new", 1, 200, &l).inserted);
+        // A full re-read that no longer sees a row forgets it.
+        s.merge_stored(row("live", 100, false), 210, 2, None);
+        s.forget_unseen(2, 10);
+        assert_eq!(s.resting(), 1, "only live's row is still there");
+        assert!(
+            s.check_and_increment("idle", 1, 210, &l).inserted,
+            "deleted: new again"
+        );
+    }
+
+    #[test]
     fn merged_rows_follow_the_window_rule() {
         let s = CounterStore::new();
         let l = limit(10);
@@ -655,10 +773,32 @@ mod tests {
         // Units of a flush not yet confirmed count as not stored.
         s.check_and_increment("flying", 3, 10, &l);
         let taken = s.take_dirty();
-        s.merge_stored(row("flying", 10, 5, 100, false), 60, 1, Some((100, 3)));
+        let flying = |window, units| InFlight {
+            window,
+            units,
+            ..InFlight::default()
+        };
+        s.merge_stored(
+            row("flying", 10, 5, 100, false),
+            60,
+            1,
+            Some(flying(100, 3)),
+        );
         assert_eq!(s.get("flying").unwrap().used, 8, "5 stored + 3 unconfirmed");
-        s.merge_stored(row("flying", 10, 5, 100, false), 60, 1, Some((50, 3)));
+        s.merge_stored(row("flying", 10, 5, 100, false), 60, 1, Some(flying(50, 3)));
         assert_eq!(s.get("flying").unwrap().used, 5, "another window's units");
+        let admin = InFlight {
+            set_quota: true,
+            reset_used: true,
+            ..flying(100, 3)
+        };
+        s.merge_stored(row("flying", 99, 40, 100, true), 60, 1, Some(admin));
+        let c = s.get("flying").unwrap();
+        assert_eq!(
+            (c.quota, c.used, c.persist),
+            (10, 5, false),
+            "memory stands"
+        );
         drop(taken);
         s.reset("ours");
         s.merge_stored(row("ours", 99, 40, 100, true), 60, 1, None);

@@ -36,6 +36,8 @@ struct State {
     swallowed: AtomicU64,
     /// Connections accepted.
     connections: AtomicU64,
+    /// Pieces of client data that arrived while frozen (a query waiting).
+    held: AtomicU64,
 }
 
 /// A running proxy; stops when dropped.
@@ -56,6 +58,7 @@ impl Proxy {
             swallow_commit: AtomicBool::new(false),
             swallowed: AtomicU64::new(0),
             connections: AtomicU64::new(0),
+            held: AtomicU64::new(0),
         });
         let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         std_listener.set_nonblocking(true).unwrap();
@@ -123,6 +126,12 @@ impl Proxy {
         self.state.connections.load(Ordering::SeqCst)
     }
 
+    /// Pieces of client data held back by a freeze so far (a client is
+    /// waiting for an answer).
+    pub fn held(&self) -> u64 {
+        self.state.held.load(Ordering::SeqCst)
+    }
+
     /// Nothing passes any more (connections stay open).
     pub fn freeze(&self) {
         self.state.flow.send_replace(Flow::Frozen);
@@ -173,6 +182,9 @@ async fn serve(client: TcpStream, target: SocketAddr, state: Arc<State>) {
                     Ok(0) | Err(_) => break,
                     Ok(n) => n,
                 };
+                if *flow.borrow() == Flow::Frozen {
+                    state.held.fetch_add(1, Ordering::SeqCst);
+                }
                 wait_flowing(&mut flow).await;
                 let saw_commit = framer.push(&buf[..n]);
                 if saw_commit && state.swallow_commit.swap(false, Ordering::SeqCst) {
