@@ -74,6 +74,36 @@ if [ "$UNINSTALL" = 1 ]; then
     exit 0
 fi
 
+# The Perl ratelimit-policyd has the same name: its init script is
+# /etc/init.d/ratelimit-policyd, which this would replace, and then nothing
+# could stop the Perl daemon. It must be stopped and its script moved aside
+# first (README, "Migrating from the Perl daemon").
+perl_script=""
+if [ -f "$DESTDIR$INITDIR/$NAME" ] && grep -q -e 'daemon\.pl' -e 'printshm' "$DESTDIR$INITDIR/$NAME"; then
+    perl_script=$INITDIR/$NAME
+fi
+perl_pid=""
+for pidfile in /var/run/$NAME.pid /run/$NAME.pid /var/run/$NAME/$NAME.pid; do
+    [ -f "$DESTDIR$pidfile" ] || continue
+    pid=$(tr -dc '0-9' < "$DESTDIR$pidfile")
+    if [ -n "$pid" ] && [ -r "/proc/$pid/cmdline" ] && tr '\0' ' ' < "/proc/$pid/cmdline" | grep -q -e perl -e 'daemon\.pl' -e "$NAME\.pl"; then
+        perl_pid=$pid
+    fi
+done
+if [ -n "$perl_script$perl_pid" ]; then
+    {
+        echo "install.sh: the Perl ratelimit-policyd is installed here; nothing was changed."
+        [ -n "$perl_pid" ] && echo "  It is running (pid $perl_pid)."
+        [ -n "$perl_script" ] && echo "  $perl_script is its init script, which this install would replace."
+        echo "  Stop it first (it writes its counts on SIGTERM) and move its script aside:"
+        echo "    $INITDIR/$NAME stop"
+        echo "    update-rc.d $NAME remove"
+        echo "    mv $INITDIR/$NAME $INITDIR/$NAME.perl"
+        echo "  then run install.sh again. See README, \"Migrating from the Perl daemon\"."
+    } >&2
+    exit 1
+fi
+
 if [ -z "$BINARY" ]; then
     say "building with cargo"
     (cd "$SRC" && cargo build --release --locked)

@@ -27,6 +27,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::logging::Level;
+use crate::persist::{Columns, Table};
 use crate::policy::{validate_action, ActionTemplate, CountMode, KeyType, Policy, Stage};
 use crate::store::window::{parse_duration_ms, Calendar, Period};
 use crate::store::{Limit, Rules};
@@ -83,6 +84,34 @@ pub struct RawDatabase {
     pub refresh_interval: String,
     pub reconcile_interval: String,
     pub timeout: String,
+    pub columns: RawColumns,
+}
+
+/// `[database.columns]` as written: the names of the table's columns.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+#[allow(missing_docs)]
+pub struct RawColumns {
+    pub sender: String,
+    pub quota: String,
+    pub used: String,
+    pub updated: String,
+    pub expiry: String,
+    pub persist: String,
+}
+
+impl Default for RawColumns {
+    fn default() -> Self {
+        let c = Columns::default();
+        RawColumns {
+            sender: c.sender,
+            quota: c.quota,
+            used: c.used,
+            updated: c.updated,
+            expiry: c.expiry,
+            persist: c.persist,
+        }
+    }
 }
 
 /// The `[log]` section as written.
@@ -93,6 +122,7 @@ pub struct RawLog {
     pub syslog: bool,
     pub file: String,
     pub level: String,
+    pub file_format: String,
 }
 
 /// The default `over_quota_action` (SPEC §5).
@@ -142,6 +172,7 @@ impl Default for RawDatabase {
             refresh_interval: "30s".into(),
             reconcile_interval: "5m".into(),
             timeout: "10s".into(),
+            columns: RawColumns::default(),
         }
     }
 }
@@ -152,6 +183,7 @@ impl Default for RawLog {
             syslog: true,
             file: String::new(),
             level: "info".into(),
+            file_format: "standard".into(),
         }
     }
 }
@@ -190,8 +222,8 @@ pub struct DatabaseConfig {
     pub url: DatabaseUrl,
     /// A file holding the database password, so the main file can stay world-readable.
     pub password_file: Option<PathBuf>,
-    /// Table name; a plain identifier.
-    pub table: String,
+    /// The table and its column names; plain identifiers.
+    pub table: Table,
     /// How often changed counters are written.
     pub flush_interval: Duration,
     /// How often rows changed in the database are pulled.
@@ -213,6 +245,19 @@ pub struct LogConfig {
     pub file: Option<PathBuf>,
     /// The least severe level written.
     pub level: Level,
+    /// How lines in `file` begin.
+    pub file_format: FileFormat,
+}
+
+/// How the lines of the log file begin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FileFormat {
+    /// `2026-11-23T04:37:58.123+01:00 ratelimit-policyd[PID]: info: ...`
+    #[default]
+    Standard,
+    /// The Perl daemon's: `Mon Nov 23 04:37:58 2026 ...` (local time, no
+    /// level, no pid), for tools that parse its file.
+    Perl,
 }
 
 /// The validated configuration.
@@ -543,21 +588,17 @@ impl RawConfig {
         let url = check!("database.url", parse_database_url(&d.url));
         let password_file =
             (!d.password_file.trim().is_empty()).then(|| PathBuf::from(d.password_file.trim()));
-        let table = check!(
-            "database.table",
-            if !d.table.is_empty()
-                && d.table.len() <= 64
-                && d.table
-                    .bytes()
-                    .all(|c| c.is_ascii_alphanumeric() || c == b'_')
-            {
-                Ok(d.table.clone())
-            } else {
-                Err(format!(
-                    "must be a plain identifier (letters, digits, _), not {:?}",
-                    d.table
-                ))
-            }
+        let table = check!("database.table", identifier(&d.table));
+        let c = &d.columns;
+        let mut column =
+            |name: &str, value: &str| check!(format!("database.columns.{name}"), identifier(value));
+        let columns = (
+            column("sender", &c.sender),
+            column("quota", &c.quota),
+            column("used", &c.used),
+            column("updated", &c.updated),
+            column("expiry", &c.expiry),
+            column("persist", &c.persist),
         );
         let flush_interval = check!(
             "database.flush_interval",
@@ -574,6 +615,14 @@ impl RawConfig {
         let timeout = check!("database.timeout", positive_duration(&d.timeout));
 
         let level = check!("log.level", self.log.level.parse::<Level>());
+        let file_format = check!(
+            "log.file_format",
+            match self.log.file_format.trim().to_ascii_lowercase().as_str() {
+                "standard" => Ok(FileFormat::Standard),
+                "perl" => Ok(FileFormat::Perl),
+                other => Err(format!("expected \"standard\" or \"perl\", not {other:?}")),
+            }
+        );
         let log_file =
             (!self.log.file.trim().is_empty()).then(|| PathBuf::from(self.log.file.trim()));
 
@@ -612,7 +661,17 @@ impl RawConfig {
             database: DatabaseConfig {
                 url: url.ok_or_else(missing)?,
                 password_file,
-                table: table.ok_or_else(missing)?,
+                table: Table {
+                    name: table.ok_or_else(missing)?,
+                    columns: Columns {
+                        sender: columns.0.ok_or_else(missing)?,
+                        quota: columns.1.ok_or_else(missing)?,
+                        used: columns.2.ok_or_else(missing)?,
+                        updated: columns.3.ok_or_else(missing)?,
+                        expiry: columns.4.ok_or_else(missing)?,
+                        persist: columns.5.ok_or_else(missing)?,
+                    },
+                },
                 flush_interval: flush_interval.ok_or_else(missing)?,
                 refresh_interval: refresh_interval.ok_or_else(missing)?,
                 reconcile_interval: reconcile_interval.ok_or_else(missing)?,
@@ -622,9 +681,22 @@ impl RawConfig {
                 syslog: self.log.syslog,
                 file: log_file,
                 level: level.ok_or_else(missing)?,
+                file_format: file_format.ok_or_else(missing)?,
             },
             warnings,
         })
+    }
+}
+
+/// A table or column name: letters, digits and `_`, at most 64 (MySQL's
+/// limit), so it can be put into SQL text as it is.
+fn identifier(s: &str) -> Result<String, String> {
+    if !s.is_empty() && s.len() <= 64 && s.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_') {
+        Ok(s.to_owned())
+    } else {
+        Err(format!(
+            "must be a plain identifier (letters, digits, _), not {s:?}"
+        ))
     }
 }
 
@@ -871,6 +943,33 @@ mod tests {
                 "database.url",
                 "database.table",
                 "log.level"
+            ],
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn renamed_columns_and_the_perl_log_format() {
+        let c = Config::from_toml_str(
+            "[database.columns]\nused = \"tally\"\nsender = \"email\"\n[log]\nfile_format = \"perl\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.database.table.name, "ratelimit");
+        assert_eq!(c.database.table.columns.used, "tally");
+        assert_eq!(c.database.table.columns.sender, "email");
+        assert_eq!(c.database.table.columns.quota, "quota");
+        assert_eq!(c.log.file_format, FileFormat::Perl);
+        let e = Config::from_toml_str(
+            "[database.columns]\nused = \"used; DROP\"\nexpiry = \"\"\n[log]\nfile_format = \"xml\"\n",
+        )
+        .unwrap_err();
+        let keys: Vec<_> = e.errors.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "database.columns.used",
+                "database.columns.expiry",
+                "log.file_format"
             ],
             "{e}"
         );

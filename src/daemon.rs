@@ -177,6 +177,17 @@ pub async fn start<B: Backend>(
         None => crate::notice!("stopped before the counters were loaded"),
     }
 
+    let policy = &config.policy;
+    crate::notice!(
+        "charging {} at protocol_state {} (check_policy_service in {}); other stages are checked, not charged",
+        match policy.count {
+            crate::policy::CountMode::Recipients => "recipients",
+            crate::policy::CountMode::Messages => "messages",
+        },
+        policy.charge_stage,
+        policy.charge_stage.restriction_list()
+    );
+
     let (asker, reload_rx) = crate::ask::channel(4);
     let reload = ReloadHandle { asker };
     let reloader = Reloader {

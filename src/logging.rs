@@ -16,12 +16,12 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::OnceLock;
 
 use parking_lot::Mutex;
 
-use crate::config::LogConfig;
+use crate::config::{FileFormat, LogConfig};
 
 /// Log target that marks an `info` line as a syslog notice.
 pub const NOTICE: &str = "notice";
@@ -110,6 +110,8 @@ type Syslog = syslog::Logger<syslog::LoggerBackend, syslog::Formatter3164>;
 /// Where log lines go, and at which level.
 pub struct Logger {
     level: AtomicU8,
+    /// The file's lines begin as the Perl daemon's did.
+    perl_file_format: AtomicBool,
     stderr: bool,
     syslog_socket: Option<PathBuf>,
     file: Mutex<Option<(PathBuf, File)>>,
@@ -162,6 +164,7 @@ pub fn init(cfg: &LogConfig, outputs: &Outputs) -> io::Result<&'static Logger> {
     };
     let logger = Logger {
         level: AtomicU8::new(cfg.level as u8),
+        perl_file_format: AtomicBool::new(cfg.file_format == FileFormat::Perl),
         stderr: outputs.stderr,
         syslog_socket: outputs.syslog_socket.clone(),
         file: Mutex::new(file),
@@ -211,6 +214,9 @@ pub fn reconfigure(cfg: &LogConfig) -> io::Result<()> {
         return Ok(());
     };
     logger.set_level(cfg.level);
+    logger
+        .perl_file_format
+        .store(cfg.file_format == FileFormat::Perl, Ordering::Relaxed);
     // Nothing is logged while one of the logger's locks is held: logging
     // takes them too, and they are not reentrant.
     let want_syslog = cfg.syslog && logger.syslog.lock().is_none();
@@ -289,9 +295,10 @@ impl log::Log for Logger {
         let level = Level::of(record.metadata());
         let message = record.args();
         if self.stderr || self.file.lock().is_some() {
-            let now = chrono::Local::now().format("%Y-%m-%dT%H:%M:%S%.3f%:z");
+            let now = chrono::Local::now();
             let line = format!(
-                "{now} ratelimit-policyd[{}]: {level}: {message}\n",
+                "{} ratelimit-policyd[{}]: {level}: {message}\n",
+                now.format("%Y-%m-%dT%H:%M:%S%.3f%:z"),
                 std::process::id()
             );
             if self.stderr {
@@ -299,7 +306,13 @@ impl log::Log for Logger {
             }
             if let Some((_, file)) = self.file.lock().as_mut() {
                 // One write per line: appends from several threads never interleave.
-                let _ = file.write_all(line.as_bytes());
+                let _ = if self.perl_file_format.load(Ordering::Relaxed) {
+                    // Perl's scalar localtime: "Mon Nov  3 04:37:58 2026".
+                    let perl = format!("{} {message}\n", now.format("%a %b %e %H:%M:%S %Y"));
+                    file.write_all(perl.as_bytes())
+                } else {
+                    file.write_all(line.as_bytes())
+                };
             }
         }
         if let Some(s) = self.syslog.lock().as_mut() {

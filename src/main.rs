@@ -131,7 +131,7 @@ async fn serve(config: Config, source: ConfigSource) -> anyhow::Result<ExitCode>
     let db = &config.database;
     match &db.url {
         DatabaseUrl::Sqlite(path) => {
-            let backend = SqliteBackend::open(path, &db.table).map_err(Error::Database)?;
+            let backend = SqliteBackend::open_table(path, &db.table).map_err(Error::Database)?;
             serve_with(config, source, backend).await
         }
         DatabaseUrl::Mysql(url) => {
@@ -139,8 +139,9 @@ async fn serve(config: Config, source: ConfigSource) -> anyhow::Result<ExitCode>
                 Some(path) => Some(read_password(path)?),
                 None => None,
             };
-            let backend = MysqlBackend::new(url, password, &db.table)
+            let backend = MysqlBackend::new(url, password, &db.table.name)
                 .map_err(Error::Database)?
+                .with_table(&db.table)
                 .with_timeout(db.timeout);
             serve_with(config, source, backend).await
         }

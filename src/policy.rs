@@ -76,6 +76,16 @@ impl Stage {
         }
     }
 
+    /// Where `check_policy_service` must be for requests of this stage.
+    pub fn restriction_list(self) -> &'static str {
+        match self {
+            Stage::Mail => "smtpd_sender_restrictions with smtpd_delay_reject = no",
+            Stage::Rcpt => "smtpd_sender_restrictions or smtpd_recipient_restrictions",
+            Stage::Data => "smtpd_data_restrictions",
+            Stage::EndOfMessage => "smtpd_end_of_data_restrictions",
+        }
+    }
+
     /// The `protocol_state` spelling.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -82,6 +82,13 @@ pub enum ProtocolError {
         /// 1-based number of the offending line within its request.
         line: usize,
     },
+    /// The Perl daemon's `printshm` command. Counters are never shown on the
+    /// policy port (any client of it would see every sender).
+    #[error(
+        "\"printshm\" is the Perl daemon's cache dump; this daemon shows its counters with \
+         `ratelimit-policyd status` (on the control socket), never on the policy port"
+    )]
+    Printshm,
     /// A value the daemon uses was not valid UTF-8.
     #[error("attribute {name} is not valid UTF-8")]
     InvalidUtf8 {
@@ -248,6 +255,11 @@ impl Parser {
                 });
             }
             let Some(eq) = memchr::memchr(b'=', line) else {
+                // The Perl daemon dumped its cache for any line with
+                // "printshm"; monitoring scripts still send it.
+                if memchr::memmem::find(line, b"printshm").is_some() {
+                    return Err(ProtocolError::Printshm);
+                }
                 return Err(ProtocolError::MissingEquals {
                     line: self.attributes,
                 });
@@ -452,6 +464,15 @@ mod tests {
                 name: "sasl_username"
             })
         );
+    }
+
+    #[test]
+    fn printshm_gets_its_own_answer() {
+        assert_eq!(parse_all(b"printshm\n"), Err(ProtocolError::Printshm));
+        assert_eq!(parse_all(b"printshm\r\n"), Err(ProtocolError::Printshm));
+        assert!(ProtocolError::Printshm
+            .to_string()
+            .contains("ratelimit-policyd status"));
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Counters of what the daemon did, shared by the server, the flusher and the
 //! status output. Lock-free atomics on the request path.
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::Instant;
 
 use parking_lot::Mutex;
@@ -165,6 +165,9 @@ pub struct Stats {
     pub clients_refused: AtomicU64,
     /// Connections closed for a malformed or oversized request.
     pub protocol_errors: AtomicU64,
+    /// A request has reached `charge_stage` since start (set once; read to
+    /// tell a wiring that never charges anything).
+    pub charge_stage_seen: AtomicBool,
     /// Connections closed by the idle timeout.
     pub idle_timeouts: AtomicU64,
     decisions: [AtomicU64; DecisionKind::ALL.len()],
@@ -190,6 +193,7 @@ impl Default for Stats {
             connections_total: AtomicU64::new(0),
             clients_refused: AtomicU64::new(0),
             protocol_errors: AtomicU64::new(0),
+            charge_stage_seen: AtomicBool::new(false),
             idle_timeouts: AtomicU64::new(0),
             decisions: Default::default(),
             flush_failures: AtomicU64::new(0),

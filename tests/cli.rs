@@ -217,3 +217,59 @@ fn a_missing_database_directory_stops_the_start() {
     assert_eq!(out.status.code(), Some(69));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent-dir/ratelimit.db"));
 }
+
+/// Migrating from the Perl daemon: `printshm` on the policy port gets a
+/// pointer to `status` (never a dump of counters); the log names the stage
+/// that is charged at start, and says loudly when requests arrive only at
+/// another one (the Perl daemon's DATA wiring with the default RCPT).
+#[tokio::test]
+async fn a_perl_wiring_that_charges_nothing_is_impossible_to_miss() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "", "");
+    let d = spawn(&config, &[]);
+    let mut c = Client::connect(d.addr).await;
+    let data = Req::rcpt("alice@example.com", "i1", "")
+        .state("DATA")
+        .with("recipient_count", "2");
+    assert_eq!(c.ask(&data).await, "DUNNO");
+    let mut shm = Client::connect(d.addr).await;
+    shm.send(b"printshm\n").await;
+    shm.expect_closed().await;
+    assert_eq!(d.terminate(), 0);
+    let log = std::fs::read_to_string(dir.path().join("ratelimit-policyd.log")).unwrap();
+    assert!(
+        log.contains("charging recipients at protocol_state RCPT (check_policy_service in smtpd_sender_restrictions or smtpd_recipient_restrictions)"),
+        "{log}"
+    );
+    assert!(
+        log.contains("error: NOTHING IS BEING CHARGED: requests arrive at protocol_state=DATA")
+            && log.contains("set charge_stage = \"DATA\""),
+        "{log}"
+    );
+    assert!(
+        log.contains("\"printshm\" is the Perl daemon's cache dump")
+            && log.contains("`ratelimit-policyd status`"),
+        "{log}"
+    );
+    assert!(!log.contains("curr_count="), "nothing was charged: {log}");
+}
+
+/// The log line shows the login as Postfix sent it (as the Perl daemon
+/// does); the key it counts under follows only where it differs.
+#[tokio::test]
+async fn the_log_line_shows_the_login_and_the_key_where_it_differs() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "key_type = \"domain\"", "");
+    let d = spawn(&config, &[]);
+    let mut c = Client::connect(d.addr).await;
+    c.ask(&Req::rcpt("Alice@Dom.Example", "i1", "a@x")).await;
+    assert_eq!(d.terminate(), 0);
+    let log = std::fs::read_to_string(dir.path().join("ratelimit-policyd.log")).unwrap();
+    let line = log.lines().find(|l| l.contains("curr_count=")).unwrap();
+    assert!(
+        line.ends_with(
+            "sasl_method=PLAIN, sasl_username=Alice@Dom.Example, recipient_count=1, curr_count=1/3, status=INSERT, key=dom.example"
+        ),
+        "{line}"
+    );
+}

@@ -237,3 +237,73 @@ async fn the_init_script_starts_reports_reloads_and_stops_the_daemon() {
         "{log}"
     );
 }
+
+/// Over a Perl ratelimit-policyd, install.sh changes nothing: its init
+/// script has the same name (replacing it would leave the Perl daemon with
+/// nothing to stop it), and a running Perl daemon must be stopped first.
+#[test]
+fn install_sh_refuses_to_replace_a_perl_install() {
+    let dest = tempfile::tempdir().unwrap();
+    let d = dest.path();
+    // The Perl daemon's init script, as its install.sh links it.
+    std::fs::create_dir_all(d.join("etc/init.d")).unwrap();
+    let perl_script = d.join("etc/init.d/ratelimit-policyd");
+    std::fs::write(
+        &perl_script,
+        "#!/bin/sh\nDAEMON=/opt/ratelimit-policyd/daemon.pl\ncase \"$1\" in status) $DAEMON printshm ;; esac\n",
+    )
+    .unwrap();
+    let refuse = |why: &str| {
+        let out = Command::new("sh")
+            .arg(repo().join("install.sh"))
+            .args(["--binary", BIN, "--init", "sysv"])
+            .env("DESTDIR", d)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{why}: {}", stdout(&out));
+        let err = stderr(&out);
+        assert!(
+            err.contains("Perl ratelimit-policyd") && err.contains("stop"),
+            "{why}: {err}"
+        );
+        assert!(
+            !d.join("usr/local/sbin/ratelimit-policyd").exists(),
+            "{why}: nothing installed"
+        );
+        err
+    };
+    let err = refuse("init script");
+    assert!(
+        err.contains("/etc/init.d/ratelimit-policyd is its init script"),
+        "{err}"
+    );
+    assert!(std::fs::read_to_string(&perl_script)
+        .unwrap()
+        .contains("daemon.pl"));
+
+    // The script moved aside, but the Perl daemon still running.
+    std::fs::rename(&perl_script, d.join("etc/init.d/ratelimit-policyd.perl")).unwrap();
+    let mut perl = Command::new("bash")
+        .args(["-c", "exec -a /opt/ratelimit-policyd/daemon.pl sleep 60"])
+        .spawn()
+        .unwrap();
+    std::fs::create_dir_all(d.join("var/run")).unwrap();
+    std::fs::write(
+        d.join("var/run/ratelimit-policyd.pid"),
+        format!("{}\n", perl.id()),
+    )
+    .unwrap();
+    let err = refuse("running daemon");
+    assert!(
+        err.contains(&format!("running (pid {})", perl.id())),
+        "{err}"
+    );
+    perl.kill().unwrap();
+    perl.wait().unwrap();
+
+    // Stopped and moved aside: the install goes ahead.
+    install(d, &["--init", "sysv"]);
+    assert!(std::fs::read_to_string(&perl_script)
+        .unwrap()
+        .contains("ratelimit-policyd status"));
+}

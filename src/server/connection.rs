@@ -157,6 +157,13 @@ fn answer(
         shared.warn_wrong_stage(req.protocol_state, policy.charge_stage, now);
     }
     if let Some(charged) = &decision.charged {
+        // One plain load per request; the store happens once.
+        if !shared.stats.charge_stage_seen.load(Ordering::Relaxed) {
+            shared
+                .stats
+                .charge_stage_seen
+                .store(true, Ordering::Relaxed);
+        }
         if charged.amount > 0 || !charged.outcome.accepted {
             log_charge(req, charged);
         }
@@ -164,8 +171,9 @@ fn answer(
     encode_action(decision.action.as_str(policy), out);
 }
 
-/// The Perl daemon's line, one per charged request (SPEC §8). Every value from
-/// the request is written through [`Escaped`]. `OVER_QUOTA` is a warning the
+/// The Perl daemon's line, one per charged request (SPEC §8), with `key=`
+/// at the end when the key differs from the login. Every value from the
+/// request is written through [`Escaped`]. `OVER_QUOTA` is a warning the
 /// first time a sender is refused in a window and info afterwards, so a
 /// sender hammering away at its limit makes one warning, not thousands.
 fn log_charge(req: &PolicyRequest<'_>, c: &Charged<'_>) {
@@ -192,19 +200,24 @@ fn log_charge(req: &PolicyRequest<'_>, c: &Charged<'_>) {
     } else {
         req.queue_id
     };
+    // The login as Postfix sent it, as the Perl daemon logs it; the key it
+    // counts under follows only where it differs (domain mode, case).
+    let key_differs = *c.key != *req.sasl_username;
     log::log!(
         target: target,
         level,
-        "{}: client={}[{}], sasl_method={}, sasl_username={}, recipient_count={}, curr_count={}/{}, status={}",
+        "{}: client={}[{}], sasl_method={}, sasl_username={}, recipient_count={}, curr_count={}/{}, status={}{}{}",
         Escaped(queue_id),
         Escaped(req.client_name),
         Escaped(req.client_address),
         Escaped(req.sasl_method),
-        Escaped(&c.key),
+        Escaped(req.sasl_username),
         c.amount,
         o.used,
         o.quota,
-        status
+        status,
+        if key_differs { ", key=" } else { "" },
+        Escaped(if key_differs { &c.key } else { "" })
     );
 }
 

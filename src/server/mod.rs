@@ -96,20 +96,31 @@ impl Shared {
     }
 
     /// Warns, at most once a minute, that requests arrive at a stage that is
-    /// not `charge_stage`.
+    /// not `charge_stage` — as an error, naming the setting, while nothing at
+    /// all has been charged since start (a wiring that counts nothing, such
+    /// as the Perl daemon's `smtpd_data_restrictions` with the default
+    /// `charge_stage = "RCPT"`).
     fn warn_wrong_stage(&self, state: &str, charge_stage: crate::policy::Stage, now: i64) {
         let last = self.last_stage_warning.load(Ordering::Relaxed);
-        if now.saturating_sub(last) >= 60
-            && self
+        if now.saturating_sub(last) < 60
+            || self
                 .last_stage_warning
                 .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
+                .is_err()
         {
+            return;
+        }
+        let state = crate::protocol::Escaped(state);
+        if self.stats.charge_stage_seen.load(Ordering::Relaxed) {
             log::warn!(
-                "requests arrive at protocol_state={} but charge_stage={}: they are checked, not charged; \
-                 is check_policy_service in the restriction list you meant?",
-                crate::protocol::Escaped(state),
-                charge_stage
+                "requests arrive at protocol_state={state} but charge_stage={charge_stage}: they are \
+                 checked, not charged; is check_policy_service in the restriction list you meant?"
+            );
+        } else {
+            log::error!(
+                "NOTHING IS BEING CHARGED: requests arrive at protocol_state={state}, none at \
+                 charge_stage={charge_stage} since the start; if check_policy_service is where you \
+                 want it, set charge_stage = \"{state}\" (README: \"Migrating from the Perl daemon\")"
             );
         }
     }

@@ -28,6 +28,23 @@ impl TestDb {
     /// Creates `rl_<tag>_<pid>_<n>` on the server at `admin` (a URL with any
     /// database) and loads schema.sql into it.
     pub async fn create(admin: &str, tag: &str) -> TestDb {
+        let db = TestDb::create_empty(admin, tag).await;
+        let schema =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/schema.sql")).unwrap();
+        let pool = mysql_async::Pool::new(db.url().as_str());
+        let mut conn = pool.get_conn().await.unwrap();
+        for statement in schema_statements(&schema) {
+            conn.query_drop(statement)
+                .await
+                .unwrap_or_else(|e| panic!("schema.sql: {e}"));
+        }
+        drop(conn);
+        pool.disconnect().await.unwrap();
+        db
+    }
+
+    /// Creates `rl_<tag>_<pid>_<n>`, empty.
+    pub async fn create_empty(admin: &str, tag: &str) -> TestDb {
         let name = format!(
             "rl_{tag}_{}_{}",
             std::process::id(),
@@ -46,14 +63,6 @@ impl TestDb {
         conn.query_drop(format!("CREATE DATABASE {name} CHARACTER SET utf8"))
             .await
             .unwrap();
-        conn.query_drop(format!("USE {name}")).await.unwrap();
-        let schema =
-            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/schema.sql")).unwrap();
-        for statement in schema_statements(&schema) {
-            conn.query_drop(statement)
-                .await
-                .unwrap_or_else(|e| panic!("schema.sql: {e}"));
-        }
         drop(conn);
         pool.disconnect().await.unwrap();
         TestDb { name, server }
