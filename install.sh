@@ -43,6 +43,11 @@ CONFDIR=$SYSCONFDIR/$NAME
 CONFIG=$CONFDIR/$NAME.toml
 STATEDIR=/var/lib/$NAME
 LOGDIR=/var/log/$NAME
+# The policy socket: in Postfix's queue directory (smtpd reaches it as
+# unix:ratelimit/policy, chrooted or not), in a directory of ours whose group
+# is postfix and setgid, so that the socket (mode 0660) is group postfix:
+# Postfix may connect, other local users may not.
+SPOOLDIR=/var/spool/postfix/ratelimit
 UNITDIR=/etc/systemd/system
 INITDIR=/etc/init.d
 LOGROTATEDIR=/etc/logrotate.d
@@ -69,6 +74,7 @@ if [ "$UNINSTALL" = 1 ]; then
     fi
     rm -f "$DESTDIR$SBINDIR/$NAME" "$DESTDIR$UNITDIR/$NAME.service" "$DESTDIR$INITDIR/$NAME" \
         "$DESTDIR$LOGROTATEDIR/$NAME"
+    rmdir "$DESTDIR$SPOOLDIR" 2>/dev/null || true
     rm -rf "$DESTDIR$DOCDIR"
     say "removed the program files; kept $CONFIG, $STATEDIR (counters), $LOGDIR and the user $NAME"
     exit 0
@@ -140,7 +146,8 @@ if [ -e "$DESTDIR$CONFIG" ]; then
 else
     # The installed defaults: syslog on, SQLite under /var/lib, control socket
     # under /run (see the README's configuration reference).
-    sed -e 's|^control_socket = .*|control_socket = "/run/ratelimit-policyd/control.sock"|' \
+    sed -e 's|^listen = .*|listen = "unix:/var/spool/postfix/ratelimit/policy"   # README: Postfix setup|' \
+        -e 's|^control_socket = .*|control_socket = "/run/ratelimit-policyd/control.sock"|' \
         -e 's|^url = "sqlite://./ratelimit.db".*|url = "sqlite:///var/lib/ratelimit-policyd/ratelimit.db"|' \
         -e 's|^syslog = false.*|syslog = true|' \
         -e 's|^# The SQLite file and the control socket live in the current directory.|# Installed by install.sh.|' \
@@ -152,8 +159,15 @@ else
 fi
 
 install -d -m 0750 "$DESTDIR$STATEDIR" "$DESTDIR$LOGDIR"
+install -d -m 2750 "$DESTDIR$SPOOLDIR"
 if on_target; then
     chown "$NAME:$NAME" "$STATEDIR" "$LOGDIR"
+    if getent group postfix >/dev/null; then
+        chown "$NAME:postfix" "$SPOOLDIR"
+        chmod 2750 "$SPOOLDIR"
+    else
+        say "no group postfix (Postfix not installed?): $SPOOLDIR must be group postfix, mode 2750"
+    fi
 fi
 
 case "$INIT" in
@@ -186,7 +200,7 @@ ratelimit-policyd is installed. Next steps:
   2. Start it:  $start
   3. In /etc/postfix/main.cf, before your other sender restrictions:
        smtpd_sender_restrictions =
-           check_policy_service { inet:127.0.0.1:10032, default_action=DUNNO }
+           check_policy_service { unix:ratelimit/policy, default_action=DUNNO }
            ...
      then: postfix reload
   4. Watch it:  $SBINDIR/$NAME status --config $CONFIG

@@ -108,7 +108,7 @@ fn flush_batch(c: &mut Criterion) {
         b.iter_batched(
             || {
                 for k in &keys {
-                    store.check_and_increment(k, 1, NOW, &limit);
+                    store.check_and_increment(k, 1, NOW, &limit).unwrap();
                 }
             },
             |()| black_box(store.take_dirty().len()),

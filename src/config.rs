@@ -47,6 +47,7 @@ pub struct RawConfig {
     pub listen: String,
     pub allowed_clients: Vec<String>,
     pub max_connections: u64,
+    pub max_counters: u64,
     pub idle_timeout: String,
     pub control_socket: String,
     pub limits: RawLimits,
@@ -69,6 +70,8 @@ pub struct RawLimits {
     pub count_rejected: bool,
     pub over_quota_action: String,
     pub unauthenticated_action: String,
+    pub key_too_long_action: String,
+    pub counters_full_action: String,
     pub exempt: Vec<String>,
 }
 
@@ -125,6 +128,11 @@ pub struct RawLog {
     pub file_format: String,
 }
 
+/// The default `limits.key_too_long_action`: a temporary refusal (no real
+/// login is longer than 255 bytes; a forged one must not pass unlimited).
+pub const DEFAULT_KEY_TOO_LONG_ACTION: &str =
+    "DEFER_IF_PERMIT 4.7.1 sender login too long for the rate limit";
+
 /// The default `over_quota_action` (SPEC §5).
 pub const DEFAULT_OVER_QUOTA_ACTION: &str =
     "DEFER_IF_PERMIT 4.7.1 {period} sender quota exceeded ({used}/{quota}), resets {reset}";
@@ -135,6 +143,7 @@ impl Default for RawConfig {
             listen: "127.0.0.1:10032".into(),
             allowed_clients: vec!["127.0.0.1/32".into(), "::1/128".into()],
             max_connections: 1024,
+            max_counters: 5_000_000,
             idle_timeout: "600s".into(),
             control_socket: "/run/ratelimit-policyd/control.sock".into(),
             limits: RawLimits::default(),
@@ -157,6 +166,8 @@ impl Default for RawLimits {
             count_rejected: true,
             over_quota_action: DEFAULT_OVER_QUOTA_ACTION.into(),
             unauthenticated_action: "DUNNO".into(),
+            key_too_long_action: DEFAULT_KEY_TOO_LONG_ACTION.into(),
+            counters_full_action: "DUNNO".into(),
             exempt: Vec::new(),
         }
     }
@@ -269,6 +280,9 @@ pub struct Config {
     pub allowed_clients: Vec<IpNet>,
     /// Connections served at once; past it the daemon waits for a free slot.
     pub max_connections: NonZeroUsize,
+    /// Most counters held in memory; past it, senders without a counter get
+    /// `limits.counters_full_action`.
+    pub max_counters: NonZeroUsize,
     /// Time a connection may take to send its next whole request.
     pub idle_timeout: Duration,
     /// The unix socket of the control commands.
@@ -360,6 +374,39 @@ impl Sources {
     ///
     /// TOML syntax errors, values of the wrong type and unknown keys, all named.
     pub fn merge(&self) -> Result<RawConfig, ConfigError> {
+        match self.merge_collecting()? {
+            (raw, errors) if errors.is_empty() => Ok(raw),
+            (_, errors) => Err(ConfigError { errors }),
+        }
+    }
+
+    /// Merges the sources and validates the result, reporting every problem
+    /// in one pass: unknown keys and invalid values together.
+    ///
+    /// # Errors
+    ///
+    /// Every problem, each with its key.
+    pub fn config(&self) -> Result<(RawConfig, Config), ConfigError> {
+        let (raw, mut errors) = self.merge_collecting()?;
+        let raw = raw.resolved();
+        match raw.validate() {
+            Ok(config) if errors.is_empty() => Ok((raw, config)),
+            Ok(_) => Err(ConfigError { errors }),
+            Err(invalid) => {
+                errors.extend(invalid.errors);
+                Err(ConfigError { errors })
+            }
+        }
+    }
+
+    /// The merged configuration with its unknown keys as errors beside it
+    /// (the known keys are read anyway, so their values can be checked too).
+    ///
+    /// # Errors
+    ///
+    /// TOML syntax errors and values of the wrong type (which stop the
+    /// reading), with any unknown keys found.
+    fn merge_collecting(&self) -> Result<(RawConfig, Vec<(String, String)>), ConfigError> {
         use config::{Environment, File, FileFormat};
         let env: config::Map<String, String> = self
             .env
@@ -400,8 +447,7 @@ impl Sources {
             .map(|k| (k, "unknown key".to_string()))
             .collect();
         match raw {
-            Ok(raw) if errors.is_empty() => Ok(raw),
-            Ok(_) => Err(ConfigError { errors }),
+            Ok(raw) => Ok((raw, errors)),
             Err(e) => {
                 errors.push((e.path().to_string(), e.into_inner().to_string()));
                 Err(ConfigError { errors })
@@ -437,13 +483,39 @@ impl ConfigSource {
             sources.env = std::env::vars().collect();
         }
         sources.overrides = self.overrides.clone();
-        let raw = sources.merge()?.resolved();
-        let config = raw.validate()?;
+        let (raw, mut config) = sources.config()?;
+        // A relative control socket is the file's neighbour, wherever the
+        // daemon or a control command was started from.
+        if config.control_socket.is_relative() {
+            if let Some(dir) = self.path.parent() {
+                config.control_socket = dir.join(&config.control_socket);
+            }
+        }
         Ok((raw, config))
     }
 }
 
 impl Config {
+    /// The database password: the first line of `database.password_file`,
+    /// if one is set (read by `run` and `check-config`, not by the control
+    /// commands, whose users need not be able to read it).
+    ///
+    /// # Errors
+    ///
+    /// The file cannot be read, named under `database.password_file`.
+    pub fn read_password(&self) -> Result<Option<String>, ConfigError> {
+        let Some(path) = &self.database.password_file else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::one(
+                "database.password_file",
+                format!("cannot read {}: {e}", path.display()),
+            )
+        })?;
+        Ok(Some(text.lines().next().unwrap_or("").to_owned()))
+    }
+
     /// Parses and validates a TOML string, without environment or overrides.
     ///
     /// # Errors
@@ -454,8 +526,8 @@ impl Config {
             toml: toml.into(),
             ..Sources::default()
         }
-        .merge()?
-        .validate()
+        .config()
+        .map(|(_, config)| config)
     }
 }
 
@@ -517,6 +589,17 @@ impl RawConfig {
                     self.max_connections
                 ))
         );
+        let max_counters = check!(
+            "max_counters",
+            usize::try_from(self.max_counters)
+                .ok()
+                .filter(|n| (1_000..=1_000_000_000).contains(n))
+                .and_then(NonZeroUsize::new)
+                .ok_or_else(|| format!(
+                    "must be between 1000 and 1000000000, not {}",
+                    self.max_counters
+                ))
+        );
         let idle_timeout = check!("idle_timeout", positive_duration(&self.idle_timeout));
         let control_socket = check!("control_socket", non_empty_path(&self.control_socket));
 
@@ -563,14 +646,36 @@ impl RawConfig {
             "limits.over_quota_action",
             ActionTemplate::parse(&l.over_quota_action)
         );
-        let unauthenticated_action = check!(
+        let plain_action =
+            |key: &str, action: &String, errors: &mut Vec<(String, String)>| match validate_action(
+                action,
+            ) {
+                Ok(()) => Some(action.trim().to_owned()),
+                Err(msg) => {
+                    errors.push((key.to_string(), msg));
+                    None
+                }
+            };
+        let unauthenticated_action = plain_action(
             "limits.unauthenticated_action",
-            validate_action(&l.unauthenticated_action)
-                .map(|()| l.unauthenticated_action.trim().to_owned())
+            &l.unauthenticated_action,
+            &mut errors,
+        );
+        let key_too_long_action = plain_action(
+            "limits.key_too_long_action",
+            &l.key_too_long_action,
+            &mut errors,
+        );
+        let counters_full_action = plain_action(
+            "limits.counters_full_action",
+            &l.counters_full_action,
+            &mut errors,
         );
         for (key, action) in [
             ("limits.over_quota_action", &l.over_quota_action),
             ("limits.unauthenticated_action", &l.unauthenticated_action),
+            ("limits.key_too_long_action", &l.key_too_long_action),
+            ("limits.counters_full_action", &l.counters_full_action),
         ] {
             if action.trim_start().to_ascii_uppercase().starts_with("OK") {
                 warnings.push(format!(
@@ -647,6 +752,7 @@ impl RawConfig {
             listen: listen.ok_or_else(missing)?,
             allowed_clients: allowed_clients.ok_or_else(missing)?,
             max_connections: max_connections.ok_or_else(missing)?,
+            max_counters: max_counters.ok_or_else(missing)?,
             idle_timeout: idle_timeout.ok_or_else(missing)?,
             control_socket: control_socket.ok_or_else(missing)?,
             policy: Policy {
@@ -656,6 +762,8 @@ impl RawConfig {
                 limit,
                 over_quota_action: over_quota_action.ok_or_else(missing)?,
                 unauthenticated_action: unauthenticated_action.ok_or_else(missing)?,
+                key_too_long_action: key_too_long_action.ok_or_else(missing)?,
+                counters_full_action: counters_full_action.ok_or_else(missing)?,
                 exempt,
             },
             database: DatabaseConfig {
@@ -989,6 +1097,16 @@ mod tests {
             .unwrap_err();
         assert_eq!(e.errors[0].0, "database.url");
         assert!(!e.to_string().contains("pw@"), "{e}");
+    }
+
+    #[test]
+    fn unknown_keys_and_invalid_values_are_reported_together() {
+        let e = Config::from_toml_str(
+            "lisen = \"x\"\nmax_connections = 0\n[limits]\nperiod = \"never\"\n",
+        )
+        .unwrap_err();
+        let keys: Vec<_> = e.errors.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, ["lisen", "max_connections", "limits.period"], "{e}");
     }
 
     #[test]

@@ -15,7 +15,6 @@
 
 use std::collections::BTreeMap;
 use std::io::{self, BufRead, BufReader, Write};
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,9 +28,9 @@ use tokio_util::sync::CancellationToken;
 use crate::daemon::ReloadHandle;
 use crate::persist::FlushHandle;
 use crate::policy::DecisionKind;
-use crate::server::{remove_stale_socket, Shared};
+use crate::server::Shared;
 use crate::stats::{DbState, Stats};
-use crate::store::{Calendar, Counter};
+use crate::store::{normalize_key, Calendar, Counter};
 
 /// The version of the control protocol; bumped on incompatible changes.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -65,6 +64,9 @@ pub enum Command {
         /// Only the N highest by `used`.
         #[serde(default)]
         top: Option<usize>,
+        /// Only the counters over their quota in the current window.
+        #[serde(default)]
+        over: bool,
     },
     /// Sets a key's quota now (and in the database at the next flush).
     SetQuota {
@@ -201,10 +203,14 @@ pub struct StatusRow {
     pub used: u32,
     /// `quota - used`, at least 0.
     pub remaining: u32,
-    /// End of the window, unix seconds.
+    /// End of the window, unix seconds (0: none yet, a row without one).
     pub expiry: i64,
-    /// End of the window, local time.
+    /// End of the window, local time, or `expired`.
     pub expiry_local: String,
+    /// The window is over: the sender's next request starts a new one
+    /// (`used` is shown as 0 then, `remaining` as the quota).
+    #[serde(default)]
+    pub expired: bool,
     /// Quota kept across resets.
     pub persist: bool,
     /// Units not yet written to the database.
@@ -218,6 +224,9 @@ pub struct End {
     pub end: bool,
     /// Rows sent.
     pub rows: usize,
+    /// Keys asked for that have no counter in memory.
+    #[serde(default)]
+    pub not_cached: Vec<String>,
 }
 
 /// What the control server works with.
@@ -246,9 +255,7 @@ impl ControlListener {
     ///
     /// `AddrInUse` when another daemon answers there; any error binding.
     pub async fn bind(path: &Path) -> io::Result<ControlListener> {
-        remove_stale_socket(path).await?;
-        let listener = UnixListener::bind(path)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+        let listener = crate::socket::bind_unix(path).await?;
         Ok(ControlListener {
             listener,
             path: path.to_owned(),
@@ -323,13 +330,13 @@ async fn handle(stream: UnixStream, ctx: &ControlContext) -> io::Result<()> {
     let shared = &ctx.shared;
     let now = shared.clock.now();
     match request.command {
-        Command::Status { keys, top } => status(&mut write, ctx, &keys, top).await,
+        Command::Status { keys, top, over } => status(&mut write, ctx, &keys, top, over).await,
         Command::SetQuota {
             key,
             quota,
             persist,
         } => {
-            let key = normalize(&key);
+            let key = normalize_key(&key).into_owned();
             let settings = shared.settings.load();
             let c = shared
                 .store
@@ -348,7 +355,7 @@ async fn handle(stream: UnixStream, ctx: &ControlContext) -> io::Result<()> {
             send(&mut write, &Reply::ok(msg)).await
         }
         Command::Reset { key } => {
-            let key = normalize(&key);
+            let key = normalize_key(&key).into_owned();
             let reply = match shared.store.reset(&key) {
                 Some(_) => {
                     crate::notice!("control: reset {}", crate::protocol::Escaped(&key));
@@ -360,7 +367,7 @@ async fn handle(stream: UnixStream, ctx: &ControlContext) -> io::Result<()> {
         }
         Command::Flush => {
             let reply = match ctx.flush.flush().await {
-                Ok(rows) => Reply::ok(format!("flushed {rows} rows")),
+                Ok(rows) => Reply::ok(format!("flushed {}", plural(rows as u64, "row"))),
                 Err(e) => Reply::err(format!(
                     "flush failed, the counts are kept for the next try: {e}"
                 )),
@@ -375,11 +382,6 @@ async fn handle(stream: UnixStream, ctx: &ControlContext) -> io::Result<()> {
             send(&mut write, &reply).await
         }
     }
-}
-
-/// Keys are stored trimmed and lower-cased.
-fn normalize(key: &str) -> String {
-    key.trim().to_lowercase()
 }
 
 fn yes_no(b: bool) -> &'static str {
@@ -401,10 +403,12 @@ async fn status<W: tokio::io::AsyncWrite + Unpin>(
     ctx: &ControlContext,
     keys: &[String],
     top: Option<usize>,
+    over: bool,
 ) -> io::Result<()> {
     let shared = &ctx.shared;
     let store = &shared.store;
     let calendar = shared.settings.load().policy.limit.calendar;
+    let now = shared.clock.now();
     let header = header(ctx, &calendar);
     let reply = Reply {
         status: Some(header),
@@ -418,30 +422,52 @@ async fn status<W: tokio::io::AsyncWrite + Unpin>(
         },
     )
     .await?;
+    let is_over = |c: &Counter| c.expiry > now && c.used > c.quota;
+    let mut not_cached = Vec::new();
     let rows: Vec<(Box<str>, Counter)> = if !keys.is_empty() {
-        keys.iter()
-            .map(|k| normalize(k))
-            .filter_map(|k| store.get(&k).map(|c| (k.into_boxed_str(), c)))
-            .collect()
+        let mut rows = Vec::new();
+        for k in keys {
+            let k = normalize_key(k);
+            match store.get(&k) {
+                Some(c) => rows.push((Box::from(&*k), c)),
+                None => not_cached.push(k.into_owned()),
+            }
+        }
+        rows
     } else if let Some(n) = top {
         store.top(n)
+    } else if over {
+        store.select(is_over)
     } else {
         store.snapshot()
     };
     let mut buf = Vec::with_capacity(64 * 1024);
+    let mut sent = 0;
     for (key, c) in &rows {
+        if over && !is_over(c) {
+            continue;
+        }
+        // A finished window counts for nothing any more: the sender's next
+        // request starts a new one.
+        let expired = now >= c.expiry;
         let row = StatusRow {
             key: key.to_string(),
             quota: c.quota,
-            used: c.used,
-            remaining: c.remaining(),
+            used: if expired { 0 } else { c.used },
+            remaining: if expired { c.quota } else { c.remaining() },
             expiry: c.expiry,
-            expiry_local: calendar.format_local(c.expiry),
+            expiry_local: if expired {
+                "expired".into()
+            } else {
+                calendar.format_local(c.expiry)
+            },
+            expired,
             persist: c.persist,
             pending: c.pending,
         };
         serde_json::to_writer(&mut buf, &row).map_err(io::Error::other)?;
         buf.push(b'\n');
+        sent += 1;
         if buf.len() >= 60 * 1024 {
             w.write_all(&buf).await?;
             buf.clear();
@@ -451,7 +477,8 @@ async fn status<W: tokio::io::AsyncWrite + Unpin>(
         &mut buf,
         &End {
             end: true,
-            rows: rows.len(),
+            rows: sent,
+            not_cached,
         },
     )
     .map_err(io::Error::other)?;
@@ -494,7 +521,7 @@ fn header(ctx: &ControlContext, calendar: &Calendar) -> StatusHeader {
             at_local: if last.at == 0 {
                 "never".into()
             } else {
-                calendar.format_local(last.at)
+                calendar.format_local_seconds(last.at)
             },
             rows: last.rows,
             result: last.error.unwrap_or_else(|| "ok".into()),
@@ -534,24 +561,54 @@ pub enum ClientError {
     /// The answer could not be read.
     #[error("bad answer from the daemon: {0}")]
     Protocol(String),
+    /// The daemon did not answer in time (wedged, or overloaded).
+    #[error("daemon not answering (no answer within {0:?})")]
+    NotAnswering(Duration),
+    /// Where the answer was to be written is gone (`status | head -1`).
+    #[error("output closed")]
+    OutputClosed,
+    /// The answer could not be written out.
+    #[error("cannot write: {0}")]
+    Output(io::Error),
 }
 
 impl ClientError {
-    /// Exit code: 3 not running (as LSB `status` wants), 4 cannot connect,
-    /// 1 the daemon refused, 5 bad answer.
+    /// Exit code: 3 not running (as LSB `status` wants), 4 cannot connect
+    /// or no answer in time (LSB: "status unknown"), 1 the daemon refused,
+    /// 5 bad answer, 0 when the reader of the output went away, 1 when the
+    /// output cannot be written.
     pub fn exit_code(&self) -> u8 {
         match self {
             ClientError::NotRunning(_) => 3,
-            ClientError::Connect { .. } => 4,
-            ClientError::Refused(_) => 1,
+            ClientError::Connect { .. } | ClientError::NotAnswering(_) => 4,
+            ClientError::Refused(_) | ClientError::Output(_) => 1,
             ClientError::Protocol(_) => 5,
+            ClientError::OutputClosed => 0,
+        }
+    }
+
+    /// A failed write of the output: [`ClientError::OutputClosed`] when the
+    /// reader went away (a broken pipe), [`ClientError::Output`] otherwise.
+    pub fn from_output(e: io::Error) -> ClientError {
+        if e.kind() == io::ErrorKind::BrokenPipe {
+            ClientError::OutputClosed
+        } else {
+            ClientError::Output(e)
         }
     }
 }
 
+/// How long the client waits for an answer (each read) by default.
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// A connection to the control socket; one request per connection.
 pub struct Client {
     reader: BufReader<std::os::unix::net::UnixStream>,
+    /// How long each read and write may wait ([`CLIENT_TIMEOUT`] unless
+    /// set).
+    timeout: Duration,
+    /// The end line of a `status` answer.
+    end: Option<End>,
 }
 
 impl Client {
@@ -564,10 +621,13 @@ impl Client {
     pub fn connect(path: &Path) -> Result<Client, ClientError> {
         match std::os::unix::net::UnixStream::connect(path) {
             Ok(stream) => {
-                let _ = stream.set_read_timeout(Some(Duration::from_secs(120)));
-                Ok(Client {
+                let mut client = Client {
                     reader: BufReader::new(stream),
-                })
+                    timeout: CLIENT_TIMEOUT,
+                    end: None,
+                };
+                client.set_timeout(CLIENT_TIMEOUT);
+                Ok(client)
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Err(ClientError::NotRunning(format!(
                 "no socket at {}",
@@ -581,6 +641,15 @@ impl Client {
                 source,
             }),
         }
+    }
+
+    /// Sets how long each read and write may wait (a flush or a reload may
+    /// take longer than a status).
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+        let stream = self.reader.get_ref();
+        let _ = stream.set_read_timeout(Some(timeout));
+        let _ = stream.set_write_timeout(Some(timeout));
     }
 
     /// Sends `command` and reads the first answer line.
@@ -599,7 +668,7 @@ impl Client {
         self.reader
             .get_mut()
             .write_all(&line)
-            .map_err(|e| ClientError::Protocol(format!("cannot send: {e}")))?;
+            .map_err(|e| self.io_error(e, "cannot send"))?;
         let reply: Reply = self
             .read_line()?
             .ok_or_else(|| ClientError::Protocol("no answer".into()))?;
@@ -611,7 +680,8 @@ impl Client {
         Ok(reply)
     }
 
-    /// Reads the next `status` row; `None` after the last.
+    /// Reads the next `status` row; `None` after the last (the end line is
+    /// kept: [`Client::end`]).
     ///
     /// # Errors
     ///
@@ -621,6 +691,9 @@ impl Client {
             .read_line()?
             .ok_or_else(|| ClientError::Protocol("answer ended early".into()))?;
         if value.get("end").is_some() {
+            self.end = Some(
+                serde_json::from_value(value).map_err(|e| ClientError::Protocol(e.to_string()))?,
+            );
             return Ok(None);
         }
         serde_json::from_value(value)
@@ -628,12 +701,26 @@ impl Client {
             .map_err(|e| ClientError::Protocol(e.to_string()))
     }
 
+    /// The end line of a `status` answer, once every row was read.
+    pub fn end(&self) -> Option<&End> {
+        self.end.as_ref()
+    }
+
+    fn io_error(&self, e: io::Error, what: &str) -> ClientError {
+        match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+                ClientError::NotAnswering(self.timeout)
+            }
+            _ => ClientError::Protocol(format!("{what}: {e}")),
+        }
+    }
+
     fn read_line<T: serde::de::DeserializeOwned>(&mut self) -> Result<Option<T>, ClientError> {
         let mut line = String::new();
         let n = self
             .reader
             .read_line(&mut line)
-            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+            .map_err(|e| self.io_error(e, "cannot read"))?;
         if n == 0 {
             return Ok(None);
         }
@@ -656,7 +743,7 @@ pub fn print_status(
     top: bool,
     out: &mut impl Write,
 ) -> Result<(), ClientError> {
-    let io = |e: io::Error| ClientError::Protocol(format!("cannot write: {e}"));
+    let io = ClientError::from_output;
     let h = header;
     let decisions: Vec<String> = h
         .decisions
@@ -696,12 +783,25 @@ pub fn print_status(
     writeln!(out, "requests: {} ({})", h.requests, decisions.join(", ")).map_err(io)?;
     writeln!(
         out,
-        "last flush: {}, {} rows, {}; pending: {} rows, {} units; counters cached: {}",
-        h.last_flush.at_local,
-        h.last_flush.rows,
-        h.last_flush.result,
-        h.pending_rows,
-        h.pending_units,
+        "  (duplicate: a repeat of the previous query, answered alike; exempt: in `exempt`; \
+         ignored: not a request the daemon limits, such as CONNECT or HELO, answered DUNNO)"
+    )
+    .map_err(io)?;
+    let last_flush = if h.last_flush.at == 0 {
+        "never".to_string()
+    } else {
+        format!(
+            "{}, {}, {}",
+            h.last_flush.at_local,
+            plural(h.last_flush.rows as u64, "row"),
+            h.last_flush.result
+        )
+    };
+    writeln!(
+        out,
+        "last flush: {last_flush}; pending: {}, {}; counters cached: {}",
+        plural(h.pending_rows as u64, "row"),
+        plural(h.pending_units, "unit"),
         h.counters
     )
     .map_err(io)?;
@@ -765,6 +865,19 @@ pub fn print_status(
     for row in &cells {
         writeln!(out, "{}", line(row.each_ref().map(String::as_str))).map_err(io)?;
     }
+    for key in client
+        .end()
+        .map(|e| e.not_cached.as_slice())
+        .unwrap_or_default()
+    {
+        writeln!(
+            out,
+            "{}: not cached (no request since the start or since its window ended; its row, if \
+             any, is in the database)",
+            crate::protocol::Escaped(key)
+        )
+        .map_err(io)?;
+    }
     Ok(())
 }
 
@@ -778,7 +891,7 @@ pub fn print_status_json(
     header: &StatusHeader,
     out: &mut impl Write,
 ) -> Result<(), ClientError> {
-    let io = |e: io::Error| ClientError::Protocol(format!("cannot write: {e}"));
+    let io = ClientError::from_output;
     let header = serde_json::to_string(header).map_err(|e| ClientError::Protocol(e.to_string()))?;
     write!(out, "{{\"header\":{header},\"counters\":[").map_err(io)?;
     let mut first = true;
@@ -787,7 +900,22 @@ pub fn print_status_json(
         write!(out, "{}\n{row}", if first { "" } else { "," }).map_err(io)?;
         first = false;
     }
-    writeln!(out, "]}}").map_err(io)
+    let not_cached = client
+        .end()
+        .map(|e| e.not_cached.clone())
+        .unwrap_or_default();
+    let not_cached =
+        serde_json::to_string(&not_cached).map_err(|e| ClientError::Protocol(e.to_string()))?;
+    writeln!(out, "],\"not_cached\":{not_cached}}}").map_err(io)
+}
+
+/// `1 row`, `2 rows`.
+fn plural(n: u64, what: &str) -> String {
+    if n == 1 {
+        format!("1 {what}")
+    } else {
+        format!("{n} {what}s")
+    }
 }
 
 fn format_uptime(secs: u64) -> String {
@@ -826,7 +954,8 @@ mod tests {
             s.command,
             Command::Status {
                 keys: vec![],
-                top: None
+                top: None,
+                over: false
             }
         );
     }

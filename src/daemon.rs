@@ -118,6 +118,7 @@ pub async fn start<B: Backend>(
         source,
     })?;
     let store = Arc::new(CounterStore::new());
+    store.set_max_counters(config.max_counters.get());
     let stats = Arc::new(Stats::default());
     let shared = Arc::new(Shared::new(
         Settings {
@@ -192,6 +193,7 @@ pub async fn start<B: Backend>(
     let reload = ReloadHandle { asker };
     let reloader = Reloader {
         source,
+        started: config.clone(),
         current: config.clone(),
         shared: Arc::clone(&shared),
         flush: flush.clone(),
@@ -244,6 +246,11 @@ pub async fn start<B: Backend>(
 /// Owns what a reload changes; runs one reload at a time.
 struct Reloader {
     source: Option<ConfigSource>,
+    /// What the daemon started with: settings bound at start (sockets,
+    /// database) are compared with it, so a change that was reverted needs
+    /// no restart.
+    started: Config,
+    /// What is in force now.
     current: Config,
     shared: Arc<Shared>,
     flush: FlushHandle,
@@ -270,17 +277,18 @@ impl Reloader {
             .load()
             .map_err(|e| format!("configuration not reloaded, the old one stays in force:\n{e}"))?;
         let old = &self.current;
+        let started = &self.started;
         let mut restart = Vec::new();
-        if new.listen != old.listen {
+        if new.listen != started.listen {
             restart.push("listen");
         }
-        if new.control_socket != old.control_socket {
+        if new.control_socket != started.control_socket {
             restart.push("control_socket");
         }
-        if new.max_connections != old.max_connections {
+        if new.max_connections != started.max_connections {
             restart.push("max_connections");
         }
-        if new.database != old.database {
+        if new.database != started.database {
             restart.push("[database]");
         }
         for w in &new.warnings {
@@ -299,6 +307,7 @@ impl Reloader {
             old.policy.limit.rules.default_quota,
             new.policy.limit.rules.default_quota,
         );
+        self.shared.store.set_max_counters(new.max_counters.get());
         let changed = self
             .shared
             .store

@@ -52,6 +52,7 @@ pub mod policy;
 pub mod protocol;
 pub mod server;
 pub mod signals;
+pub mod socket;
 pub mod stats;
 pub mod store;
 pub mod systemd;

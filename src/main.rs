@@ -11,7 +11,7 @@ use anyhow::Context;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
-use ratelimit_policyd::cli::{Cli, Command};
+use ratelimit_policyd::cli::{Cli, Command, Overrides};
 use ratelimit_policyd::clock::SystemClock;
 use ratelimit_policyd::config::{
     mask_password, Config, ConfigSource, DatabaseUrl, DEFAULT_CONFIG_PATH,
@@ -30,6 +30,15 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,
+        // `status | head -1`: the reader went away; nothing to say.
+        Err(e)
+            if matches!(
+                e.downcast_ref::<control::ClientError>(),
+                Some(control::ClientError::OutputClosed)
+            ) =>
+        {
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             let code = match (
                 e.downcast_ref::<Error>(),
@@ -39,13 +48,31 @@ fn main() -> ExitCode {
                 (_, Some(e)) => e.exit_code(),
                 _ => 1,
             };
-            eprintln!("ratelimit-policyd: error: {e:#}");
+            eprintln!("ratelimit-policyd: error: {}", describe_error(&e));
             ExitCode::from(code)
         }
     }
 }
 
+/// The error and its causes, each said once: a cause whose text the message
+/// already contains (our errors include their source) is not repeated.
+fn describe_error(e: &anyhow::Error) -> String {
+    let mut text = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
+}
+
+/// How long `flush` and `reload` wait for the daemon's answer.
+const LONG_COMMAND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let overrides = cli.overrides();
     let source = ConfigSource {
         path: cli
             .config
@@ -53,22 +80,33 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH)),
         required: cli.config.is_some(),
         use_env: true,
-        overrides: cli.overrides.pairs(),
+        overrides: overrides.pairs(),
     };
     let (raw, config) = source.load().map_err(Error::Config)?;
     let socket = config.control_socket.clone();
-    let command = match cli.command.unwrap_or(Command::Run) {
-        Command::Run => return run_daemon(&cli.overrides, config, source),
-        Command::CheckConfig => {
+    let command = match cli.command.unwrap_or(Command::Run {
+        overrides: Overrides::default(),
+    }) {
+        Command::Run { .. } => {
+            let password = config.read_password().map_err(Error::Config)?;
+            return run_daemon(&overrides, config, source, password);
+        }
+        Command::CheckConfig { .. } => {
+            config.read_password().map_err(Error::Config)?;
             print!("{}", raw.to_toml_masked());
             for w in &config.warnings {
                 eprintln!("warning: {w}");
             }
             return Ok(ExitCode::SUCCESS);
         }
-        Command::Status { json, top, keys } => {
+        Command::Status {
+            json,
+            top,
+            over,
+            keys,
+        } => {
             let mut client = control::Client::connect(&socket)?;
-            let reply = client.send(control::Command::Status { keys, top })?;
+            let reply = client.send(control::Command::Status { keys, top, over })?;
             let header = reply.status.context("the daemon sent no status header")?;
             let mut out = std::io::stdout().lock();
             if json {
@@ -76,7 +114,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 control::print_status(&mut client, &header, top.is_some(), &mut out)?;
             }
-            out.flush()?;
+            out.flush().map_err(control::ClientError::from_output)?;
             return Ok(ExitCode::SUCCESS);
         }
         Command::SetQuota {
@@ -92,15 +130,25 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Flush => control::Command::Flush,
         Command::Reload => control::Command::Reload,
     };
-    let reply = control::Client::connect(&socket)?.send(command)?;
-    println!("{}", reply.message.unwrap_or_default());
+    let mut client = control::Client::connect(&socket)?;
+    if matches!(command, control::Command::Flush | control::Command::Reload) {
+        // A flush writes every batch, a reload reads every row: both may
+        // take a while with a slow database.
+        client.set_timeout(LONG_COMMAND_TIMEOUT);
+    }
+    let reply = client.send(command)?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{}", reply.message.unwrap_or_default())
+        .and_then(|()| out.flush())
+        .map_err(control::ClientError::from_output)?;
     Ok(ExitCode::SUCCESS)
 }
 
 fn run_daemon(
-    overrides: &ratelimit_policyd::cli::Overrides,
+    overrides: &Overrides,
     config: Config,
     source: ConfigSource,
+    password: Option<String>,
 ) -> anyhow::Result<ExitCode> {
     // A file that reaches RLIMIT_FSIZE (a full quota, a small limit) must make
     // the write fail with EFBIG, which the flusher retries without losing
@@ -124,10 +172,14 @@ fn run_daemon(
         .thread_name("ratelimit-policyd")
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(serve(config, source))
+    runtime.block_on(serve(config, source, password))
 }
 
-async fn serve(config: Config, source: ConfigSource) -> anyhow::Result<ExitCode> {
+async fn serve(
+    config: Config,
+    source: ConfigSource,
+    password: Option<String>,
+) -> anyhow::Result<ExitCode> {
     let db = &config.database;
     match &db.url {
         DatabaseUrl::Sqlite(path) => {
@@ -135,10 +187,6 @@ async fn serve(config: Config, source: ConfigSource) -> anyhow::Result<ExitCode>
             serve_with(config, source, backend).await
         }
         DatabaseUrl::Mysql(url) => {
-            let password = match &db.password_file {
-                Some(path) => Some(read_password(path)?),
-                None => None,
-            };
             let backend = MysqlBackend::new(url, password, &db.table.name)
                 .map_err(Error::Database)?
                 .with_table(&db.table)
@@ -146,15 +194,6 @@ async fn serve(config: Config, source: ConfigSource) -> anyhow::Result<ExitCode>
             serve_with(config, source, backend).await
         }
     }
-}
-
-/// The first line of `database.password_file`.
-fn read_password(path: &std::path::Path) -> Result<String, Error> {
-    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
-        context: format!("database.password_file {}", path.display()),
-        source,
-    })?;
-    Ok(text.lines().next().unwrap_or("").to_owned())
 }
 
 async fn serve_with<B: Backend>(

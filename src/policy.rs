@@ -25,7 +25,7 @@ use std::collections::HashSet;
 use std::fmt;
 
 use crate::protocol::PolicyRequest;
-use crate::store::{CounterStore, Limit, Outcome, Period};
+use crate::store::{CounterStore, Limit, Outcome, Period, MAX_KEY_BYTES};
 
 /// What identifies a sender (SPEC §4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -239,6 +239,11 @@ pub struct Policy {
     pub over_quota_action: ActionTemplate,
     /// Reply for a request without `sasl_username`.
     pub unauthenticated_action: String,
+    /// Reply for a login longer than [`MAX_KEY_BYTES`] (no counter is made).
+    pub key_too_long_action: String,
+    /// Reply for a sender without a counter while the store holds
+    /// `max_counters` (no counter is made).
+    pub counters_full_action: String,
     /// Keys (lower-case) that are never charged.
     pub exempt: HashSet<Box<str>>,
 }
@@ -252,6 +257,10 @@ pub enum Action {
     Unauthenticated,
     /// A rendered `over_quota_action`.
     OverQuota(String),
+    /// The configured `key_too_long_action`.
+    KeyTooLong,
+    /// The configured `counters_full_action`.
+    CountersFull,
 }
 
 impl Action {
@@ -261,6 +270,8 @@ impl Action {
             Action::Dunno => "DUNNO",
             Action::Unauthenticated => &policy.unauthenticated_action,
             Action::OverQuota(s) => s,
+            Action::KeyTooLong => &policy.key_too_long_action,
+            Action::CountersFull => &policy.counters_full_action,
         }
     }
 }
@@ -280,17 +291,23 @@ pub enum DecisionKind {
     Ignored,
     /// A repeat of the previous charged request on this connection.
     Duplicate,
+    /// The login is longer than [`MAX_KEY_BYTES`]: no counter.
+    KeyTooLong,
+    /// No counter for the sender, and the store is at `max_counters`.
+    CountersFull,
 }
 
 impl DecisionKind {
     /// Every kind, in a fixed order (for stats).
-    pub const ALL: [DecisionKind; 6] = [
+    pub const ALL: [DecisionKind; 8] = [
         DecisionKind::Accepted,
         DecisionKind::OverQuota,
         DecisionKind::Unauthenticated,
         DecisionKind::Exempt,
         DecisionKind::Ignored,
         DecisionKind::Duplicate,
+        DecisionKind::KeyTooLong,
+        DecisionKind::CountersFull,
     ];
 
     /// A short lower-case name.
@@ -302,6 +319,8 @@ impl DecisionKind {
             DecisionKind::Exempt => "exempt",
             DecisionKind::Ignored => "ignored",
             DecisionKind::Duplicate => "duplicate",
+            DecisionKind::KeyTooLong => "key_too_long",
+            DecisionKind::CountersFull => "counters_full",
         }
     }
 
@@ -453,6 +472,13 @@ pub fn evaluate<'r>(
             ..ignored
         };
     };
+    if key.len() > MAX_KEY_BYTES {
+        return Decision {
+            action: Action::KeyTooLong,
+            kind: DecisionKind::KeyTooLong,
+            ..ignored
+        };
+    }
     if policy.exempt.contains(&*key) {
         return Decision {
             kind: DecisionKind::Exempt,
@@ -505,7 +531,13 @@ pub fn evaluate<'r>(
             }
         }
     };
-    let outcome = store.check_and_increment(&key, amount, now, limit);
+    let Ok(outcome) = store.check_and_increment(&key, amount, now, limit) else {
+        return Decision {
+            action: Action::CountersFull,
+            kind: DecisionKind::CountersFull,
+            ..ignored
+        };
+    };
     if tracks_instance && outcome.added > 0 {
         match policy.count {
             CountMode::Messages => memory.message_charged = true,
@@ -575,6 +607,8 @@ mod tests {
             )
             .unwrap(),
             unauthenticated_action: "DUNNO".into(),
+            key_too_long_action: "DEFER_IF_PERMIT too long".into(),
+            counters_full_action: "DUNNO".into(),
             exempt: HashSet::new(),
         }
     }
@@ -597,6 +631,32 @@ mod tests {
     }
 
     const NOW: i64 = 1_790_000_000;
+
+    #[test]
+    fn logins_longer_than_the_store_holds_get_no_counter() {
+        let p = policy(CountMode::Recipients, Stage::Rcpt, 10);
+        let store = CounterStore::new();
+        let long = format!("{}@example.com", "x".repeat(250));
+        let req = PolicyRequest {
+            request: "smtpd_access_policy",
+            protocol_state: "RCPT",
+            sasl_username: &long,
+            ..PolicyRequest::default()
+        };
+        let d = evaluate(&req, &p, &store, 0, &mut ConnectionMemory::default());
+        assert_eq!(
+            (d.kind, d.action.as_str(&p)),
+            (DecisionKind::KeyTooLong, "DEFER_IF_PERMIT too long")
+        );
+        assert!(store.is_empty());
+        let fits = "y".repeat(MAX_KEY_BYTES);
+        let req = PolicyRequest {
+            sasl_username: &fits,
+            ..req
+        };
+        let d = evaluate(&req, &p, &store, 0, &mut ConnectionMemory::default());
+        assert_eq!(d.kind, DecisionKind::Accepted);
+    }
 
     #[test]
     fn keys() {

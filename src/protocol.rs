@@ -320,16 +320,28 @@ pub fn encode_action(action: &str, out: &mut Vec<u8>) {
     out.extend_from_slice(b"\n\n");
 }
 
-/// Writes a value into a log line as data: control characters (CR, LF, ...)
-/// and backslashes are escaped, so a client can neither forge a line nor
-/// confuse a parser of the log.
+/// Writes a value into a log line as data: control characters of every
+/// kind (C0, DEL, C1 such as NEL and CSI), the Unicode line and paragraph
+/// separators, the bidirectional controls that reorder what a terminal
+/// shows, and backslashes are escaped, so a client can neither forge a line
+/// nor confuse a parser or a reader of the log (SPEC §8).
 #[derive(Clone, Copy)]
 pub struct Escaped<'a>(pub &'a str);
+
+/// Whether `c` is written escaped.
+fn needs_escape(c: char) -> bool {
+    c.is_control() // C0, DEL, C1
+        || matches!(c, '\\' | '\u{2028}' | '\u{2029}')
+        || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
 
 impl fmt::Display for Escaped<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let s = self.0;
-        if !s.bytes().any(|c| c < 0x20 || c == 0x7f || c == b'\\') {
+        // Fast path: ASCII without control characters or backslashes (every
+        // character needing an escape is either below 0x20, 0x7f, '\\', or
+        // not ASCII).
+        if s.bytes().all(|c| (0x20..0x7f).contains(&c) && c != b'\\') {
             return f.write_str(s);
         }
         for c in s.chars() {
@@ -339,6 +351,7 @@ impl fmt::Display for Escaped<'_> {
                 '\r' => f.write_str("\\r")?,
                 '\t' => f.write_str("\\t")?,
                 c if (c as u32) < 0x20 || c as u32 == 0x7f => write!(f, "\\x{:02x}", c as u32)?,
+                c if needs_escape(c) => write!(f, "\\u{{{:x}}}", c as u32)?,
                 c => write!(f, "{c}")?,
             }
         }
@@ -527,5 +540,13 @@ mod tests {
             Escaped("a\nfake: line\r\\\u{7}").to_string(),
             "a\\nfake: line\\r\\\\\\x07"
         );
+        // C1 (NEL, CSI), DEL, line and paragraph separators, and the bidi
+        // controls that reorder what a terminal shows: all escaped.
+        assert_eq!(
+            Escaped("a\u{85}NOQUEUE: b\u{9b}31m\u{7f}c\u{2028}d\u{2029}e\u{202e}f\u{2066}")
+                .to_string(),
+            "a\\u{85}NOQUEUE: b\\u{9b}31m\\x7fc\\u{2028}d\\u{2029}e\\u{202e}f\\u{2066}"
+        );
+        assert_eq!(Escaped("Zürich ✓ 日本").to_string(), "Zürich ✓ 日本");
     }
 }

@@ -4,7 +4,7 @@ mod common;
 
 use std::process::Command;
 
-use common::binary::{cli, spawn, stderr, write_config, BIN};
+use common::binary::{cli, spawn, stderr, stdout, write_config, BIN};
 use common::{is_deferred, Client, Req};
 
 fn used_in_db(db: &std::path::Path, sender: &str) -> (u32, u32) {
@@ -79,12 +79,31 @@ async fn client_values_cannot_forge_log_lines() {
         .with("client_name", "evil\rfake: status=OK%s%n")
         .with("queue_id", "Q1\u{1b}[31m");
     assert_eq!(c.ask(&req).await, "DUNNO");
+    // NEL (U+0085), CSI (U+009B) and U+2028 end a line for some splitters.
+    let forged = "eve\u{85}NOQUEUE: client=x[1.2.3.4]\u{9b}2J\u{2028}y@example.com";
+    assert_eq!(c.ask(&Req::rcpt(forged, "i2", "a@x")).await, "DUNNO");
+    let status = stdout(&cli(&config, &["status"]));
+    assert!(
+        status.contains("eve\\u{85}noqueue: client=x[1.2.3.4]\\u{9b}2j\\u{2028}y@example.com"),
+        "{status}"
+    );
+    assert!(!status.contains('\u{85}') && !status.contains('\u{2028}'));
     assert_eq!(d.terminate(), 0);
     let log = std::fs::read_to_string(dir.path().join("ratelimit-policyd.log")).unwrap();
     let line = log.lines().find(|l| l.contains("mallory")).unwrap();
     assert!(
         line.contains("Q1\\x1b[31m: client=evil\\rfake: status=OK%s%n[192.0.2.10]"),
         "{line}"
+    );
+    assert!(
+        log.contains(
+            "sasl_username=eve\\u{85}NOQUEUE: client=x[1.2.3.4]\\u{9b}2J\\u{2028}y@example.com"
+        ),
+        "{log}"
+    );
+    assert!(
+        !log.contains('\u{85}') && !log.contains('\u{9b}') && !log.contains('\u{2028}'),
+        "no raw separator in the log"
     );
 }
 
@@ -271,5 +290,45 @@ async fn the_log_line_shows_the_login_and_the_key_where_it_differs() {
             "sasl_method=PLAIN, sasl_username=Alice@Dom.Example, recipient_count=1, curr_count=1/3, status=INSERT, key=dom.example"
         ),
         "{line}"
+    );
+}
+
+/// The stale-socket cleanup removes sockets only: a socket path that names
+/// a regular file (a typo, a config file) is an error naming it, and the
+/// file is left alone.
+#[test]
+fn a_socket_path_naming_a_regular_file_is_never_deleted() {
+    use common::binary::cli_within;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "", "");
+    let precious = dir.path().join("control.sock");
+    std::fs::write(&precious, "do not delete").unwrap();
+    // A daemon that deleted the file would bind and keep running.
+    let out = cli_within(&config, &["run"], 10).expect("the daemon stopped");
+    assert_eq!(std::fs::read_to_string(&precious).unwrap(), "do not delete");
+    assert_eq!(out.status.code(), Some(71), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!(
+            "{} exists and is not a socket",
+            precious.display()
+        )),
+        "{}",
+        stderr(&out)
+    );
+
+    std::fs::remove_file(&precious).unwrap();
+    let listen = dir.path().join("policy");
+    std::fs::write(&listen, "do not delete either").unwrap();
+    let arg = format!("unix:{}", listen.display());
+    let out = cli_within(&config, &["run", "--listen", &arg], 10).expect("the daemon stopped");
+    assert_eq!(
+        std::fs::read_to_string(&listen).unwrap(),
+        "do not delete either"
+    );
+    assert_eq!(out.status.code(), Some(71), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!("{} exists and is not a socket", listen.display())),
+        "{}",
+        stderr(&out)
     );
 }

@@ -142,7 +142,7 @@ async fn set_quota_reset_and_flush_act_at_once_and_reach_the_database() {
     // flush: returns when done, with its result.
     let out = cli(&config, &["flush"]);
     assert!(
-        out.status.success() && stdout(&out).contains("flushed 1 rows"),
+        out.status.success() && stdout(&out).contains("flushed 1 row"),
         "{}",
         stdout(&out)
     );
@@ -216,6 +216,15 @@ async fn reload_and_sighup_apply_new_limits() {
     assert!(is_deferred(
         &c.ask(&Req::rcpt("amy@example.com", "k", "b@x")).await
     ));
+    // The listen address changed back: nothing needs a restart any more.
+    std::fs::write(
+        &config,
+        toml.replace("default_quota = 3", "default_quota = 6"),
+    )
+    .unwrap();
+    let out = cli(&config, &["reload"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!stdout(&out).contains("restart"), "{}", stdout(&out));
     assert_eq!(d.terminate(), 0);
     let log = std::fs::read_to_string(dir.path().join("ratelimit-policyd.log")).unwrap();
     assert!(log.contains("SIGHUP received; reloading"), "{log}");
@@ -413,4 +422,194 @@ fn tells_systemd_when_it_is_ready_and_when_it_stops() {
     assert_eq!(d.terminate(), 0);
     let n = notify.recv(&mut buf).unwrap();
     assert_eq!(&buf[..n], b"STOPPING=1");
+}
+
+/// `status` as an administrator reads it: finished windows shown as such,
+/// "never" before the first flush, singular and plural, keys that are not
+/// cached named, `--over` for the senders over quota.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_reads_as_it_should() {
+    use common::{start_with_control, T0};
+    use ratelimit_policyd::clock::ManualClock;
+    use ratelimit_policyd::persist::memory::MemoryBackend;
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("control.sock");
+    let config = dir.path().join("c.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "control_socket = \"{}\"\n[limits]\ntimezone = \"UTC\"\n",
+            socket.display()
+        ),
+    )
+    .unwrap();
+    let toml = "[limits]\ndefault_quota = 2\ntimezone = \"UTC\"\n";
+    let mut s = start_with_control(
+        toml,
+        Arc::new(MemoryBackend::default()),
+        ManualClock::new(T0),
+        &socket,
+    )
+    .await;
+    let mut c = s.client().await;
+    for i in 0..3 {
+        c.ask(&Req::rcpt("alice@example.com", &format!("a{i}"), "r@x"))
+            .await;
+    }
+    c.ask(&Req::rcpt("bob@example.com", "b", "r@x")).await;
+    let run = |args: &[&str]| {
+        let out = cli(&config, args);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        stdout(&out)
+    };
+    let text = run(&["status"]);
+    assert!(
+        text.contains("last flush: never; pending: 2 rows, 4 units"),
+        "{text}"
+    );
+    assert!(
+        text.contains("ignored: not a request the daemon limits"),
+        "{text}"
+    );
+    let over = run(&["status", "--over"]);
+    let rows: Vec<&str> = over
+        .lines()
+        .skip_while(|l| !l.starts_with("KEY"))
+        .skip(1)
+        .collect();
+    assert_eq!(rows.len(), 1, "{over}");
+    assert!(rows[0].starts_with("alice@example.com"), "{over}");
+    let unknown = run(&["status", "Nobody@Example.com", "bob@example.com"]);
+    assert!(
+        unknown.contains("nobody@example.com: not cached"),
+        "{unknown}"
+    );
+    assert!(unknown.contains("bob@example.com "), "{unknown}");
+    assert_eq!(run(&["flush"]).trim(), "flushed 2 rows");
+    c.ask(&Req::rcpt("bob@example.com", "b2", "r@x")).await;
+    assert_eq!(run(&["flush"]).trim(), "flushed 1 row");
+    let text = run(&["status"]);
+    assert!(
+        text.contains(&format!(
+            "last flush: {}, 1 row, ok; pending: 0 rows, 0 units",
+            chrono::DateTime::from_timestamp(T0, 0)
+                .unwrap()
+                .format("%Y-%m-%d %H:%M:%S UTC")
+        )),
+        "{text}"
+    );
+    // The day is over: alice's window has finished, before any new request.
+    s.clock.advance(86_400);
+    let text = run(&["status", "alice@example.com"]);
+    let row = text.lines().find(|l| l.starts_with("alice@")).unwrap();
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(cells[1..5], ["2", "0", "2", "expired"], "{row}");
+    let json: serde_json::Value =
+        serde_json::from_str(&run(&["status", "--json", "alice@example.com"])).unwrap();
+    assert_eq!(json["counters"][0]["expired"], true);
+    assert_eq!(json["counters"][0]["remaining"], 2);
+    s.stop().await;
+}
+
+/// The control commands are robust for scripts: a wedged daemon gives up
+/// after 10 s, a closed pipe ends quietly, errors are said once, invalid
+/// input is named, daemon-only flags are refused, a relative socket is the
+/// configuration file's neighbour.
+#[test]
+fn control_commands_behave_for_scripts() {
+    let dir = tempfile::tempdir().unwrap();
+    // A socket that accepts and never answers: a wedged daemon.
+    let socket = dir.path().join("wedged.sock");
+    let _wedged = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let config = dir.path().join("c.toml");
+    std::fs::write(&config, "control_socket = \"wedged.sock\"\n").unwrap();
+    let started = std::time::Instant::now();
+    // Run from elsewhere: the relative socket is found next to the file.
+    let out = std::process::Command::new(common::binary::BIN)
+        .current_dir("/")
+        .args(["status", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("daemon not answering"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(30));
+
+    let out = cli(&config, &["set-quota", "a@example.com", "-5"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("must be a whole number from 0 to 4294967295"),
+        "{}",
+        stderr(&out)
+    );
+    let out = cli(&config, &["status", "--listen", "127.0.0.1:1"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a daemon flag: {}",
+        stderr(&out)
+    );
+
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "lisen = 1\nmax_connections = 0\n[database]\nurl = \"mysql://u@h/db\"\npassword_file = \"/nonexistent/pw\"\n",
+    )
+    .unwrap();
+    let out = cli(&bad, &["check-config"]);
+    assert_eq!(out.status.code(), Some(78));
+    let err = stderr(&out);
+    assert_eq!(
+        err.matches("lisen: unknown key").count(),
+        1,
+        "said once: {err}"
+    );
+    assert!(
+        err.contains("max_connections: must be"),
+        "all at once: {err}"
+    );
+    std::fs::write(
+        &bad,
+        "[database]\nurl = \"mysql://u@h/db\"\npassword_file = \"/nonexistent/pw\"\n",
+    )
+    .unwrap();
+    let out = cli(&bad, &["check-config"]);
+    assert_eq!(out.status.code(), Some(78), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("database.password_file: cannot read /nonexistent/pw"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+/// `status | head -1` ends quietly when the reader goes away.
+#[tokio::test]
+async fn status_into_a_closed_pipe_ends_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "", "");
+    let d = spawn(&config, &[]);
+    let mut c = Client::connect(d.addr).await;
+    for i in 0..3000 {
+        c.ask(&Req::rcpt(&format!("user{i}@example.com"), "i", "r@x"))
+            .await;
+    }
+    let out = std::process::Command::new("bash")
+        .args([
+            "-c",
+            &format!(
+                "set -o pipefail; {} status --config {} | head -1",
+                common::binary::BIN,
+                config.display()
+            ),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stderr(&out).is_empty(), "{}", stderr(&out));
+    assert_eq!(d.terminate(), 0);
 }

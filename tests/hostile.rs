@@ -207,3 +207,113 @@ async fn connection_churn_is_counted_exactly() {
         rss_kib()
     );
 }
+
+/// The daemon's RSS in KiB.
+fn rss_of(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+        .unwrap_or(0)
+}
+
+/// Sends `n` requests for `user(i)`, pipelined 500 at a time, and returns
+/// how many answers were `DUNNO`.
+async fn flood(
+    c: &mut Client,
+    range: std::ops::Range<usize>,
+    user: impl Fn(usize) -> String,
+) -> usize {
+    let mut dunno = 0;
+    let ids: Vec<usize> = range.collect();
+    for chunk in ids.chunks(500) {
+        let mut bytes = Vec::new();
+        for &i in chunk {
+            bytes.extend_from_slice(
+                format!(
+                    "request=smtpd_access_policy\nprotocol_state=RCPT\nsasl_username={}\ninstance=f{i}\n\n",
+                    user(i)
+                )
+                .as_bytes(),
+            );
+        }
+        c.send(&bytes).await;
+        for _ in chunk {
+            if c.reply().await.expect("an answer") == "DUNNO" {
+                dunno += 1;
+            }
+        }
+    }
+    dunno
+}
+
+/// Anyone who reaches the policy port can forge `sasl_username`. Logins
+/// longer than 255 bytes get `key_too_long_action` and no counter; past
+/// `max_counters`, new senders get `counters_full_action` and no counter.
+/// Memory and the database stay bounded; the log says what happened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_logins_cannot_grow_memory_or_the_database() {
+    use common::binary::{cli, spawn, stdout, write_config};
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "default_quota = 1000", "level = \"notice\"");
+    let toml = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        format!("max_counters = 10000\n{toml}")
+            .replace("[database]\n", "[database]\nflush_interval = \"1s\"\n"),
+    )
+    .unwrap();
+    let d = spawn(&config, &[]);
+    let mut c = Client::connect(d.addr).await;
+    let before = rss_of(d.pid);
+    assert_eq!(
+        flood(&mut c, 0..10_000, |i| format!("user{i}@example.com")).await,
+        10_000
+    );
+    let at_cap = rss_of(d.pid);
+    // 100,000 more distinct senders: answered, but not counted.
+    let beyond = flood(&mut c, 10_000..110_000, |i| format!("user{i}@example.com")).await;
+    assert_eq!(beyond, 100_000, "counters_full_action is DUNNO by default");
+    let after_flood = rss_of(d.pid);
+    // 5,000 logins of 8 KB: refused, never a counter.
+    // Just under the 8 KiB line bound.
+    let long = |i: usize| format!("{i}{}", "x".repeat(8_000));
+    assert_eq!(flood(&mut c, 0..5_000, long).await, 0, "all refused");
+    let after_long = rss_of(d.pid);
+    let status = stdout(&cli(&config, &["status", "--json", "--top", "0"]));
+    let v: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert!(
+        v["header"]["counters"].as_u64().unwrap() <= 10_000,
+        "{status}"
+    );
+    assert_eq!(v["header"]["decisions"]["counters_full"], 100_000);
+    assert_eq!(v["header"]["decisions"]["key_too_long"], 5_000);
+    // Known senders are still limited at the cap.
+    let mut known = Client::connect(d.addr).await;
+    assert_eq!(
+        known.ask(&Req::rcpt("user7@example.com", "k", "r@x")).await,
+        "DUNNO"
+    );
+    assert_eq!(d.terminate(), 0);
+    let db = std::fs::metadata(dir.path().join("ratelimit.db"))
+        .unwrap()
+        .len()
+        + std::fs::metadata(dir.path().join("ratelimit.db-wal")).map_or(0, |m| m.len());
+    println!(
+        "RSS KiB: start {before}, 10k senders {at_cap}, +100k beyond the cap {after_flood}, \
+         +5k logins of 8 KB {after_long}; database {db} bytes"
+    );
+    assert!(
+        after_flood < at_cap + 8 * 1024,
+        "100k senders beyond the cap: RSS {at_cap} -> {after_flood} KiB"
+    );
+    assert!(
+        after_long < after_flood + 8 * 1024,
+        "40 MB of long logins: RSS {after_flood} -> {after_long} KiB"
+    );
+    assert!(db < 8 * 1024 * 1024, "database {db} bytes for 10k senders");
+    let log = std::fs::read_to_string(dir.path().join("ratelimit-policyd.log")).unwrap();
+    assert!(log.contains("max_counters"), "{log}");
+    assert!(log.contains("longer than 255 bytes"), "{log}");
+}

@@ -62,8 +62,6 @@ fn install_sh_stages_every_file_with_its_mode_and_is_idempotent() {
     let dest = tempfile::tempdir().unwrap();
     let d = dest.path();
     let out = install(d, &["--init", "systemd"]);
-    assert!(stdout(&out)
-        .contains("check_policy_service { inet:127.0.0.1:10032, default_action=DUNNO }"));
     assert!(
         stdout(&out).contains("schema.sql"),
         "next steps name the MySQL schema"
@@ -85,6 +83,15 @@ fn install_sh_stages_every_file_with_its_mode_and_is_idempotent() {
         );
     }
     assert_eq!(mode(&d.join("var/lib/ratelimit-policyd")), 0o750);
+    // The policy socket's directory: setgid, so the socket is group postfix.
+    assert_eq!(mode(&d.join("var/spool/postfix/ratelimit")), 0o2750);
+    let installed = std::fs::read_to_string(&config).unwrap();
+    assert!(
+        installed.contains("listen = \"unix:/var/spool/postfix/ratelimit/policy\""),
+        "{installed}"
+    );
+    assert!(stdout(&out)
+        .contains("check_policy_service { unix:ratelimit/policy, default_action=DUNNO }"));
     assert_eq!(mode(&d.join("var/log/ratelimit-policyd")), 0o750);
     assert!(
         !d.join("etc/init.d/ratelimit-policyd").exists(),
@@ -171,6 +178,7 @@ fn init_script(dest: &Path, state: &Path, config: &Path, action: &str) -> Output
         .env("RUNDIR", state.join("run"))
         .env("STATEDIR", state.join("lib"))
         .env("LOGDIR", state.join("log"))
+        .env("SPOOLDIR", state.join("spool/ratelimit"))
         .output()
         .unwrap()
 }
@@ -306,4 +314,34 @@ fn install_sh_refuses_to_replace_a_perl_install() {
     assert!(std::fs::read_to_string(&perl_script)
         .unwrap()
         .contains("ratelimit-policyd status"));
+}
+
+/// A start that fails says why, even without syslog or a log file: the init
+/// script prints the daemon's own error.
+#[test]
+fn a_failed_start_through_the_init_script_says_why() {
+    let dest = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    install(dest.path(), &["--init", "sysv"]);
+    let s = state.path();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let config = s.join("ratelimit-policyd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\ncontrol_socket = \"{run}/control.sock\"\n\
+             [database]\nurl = \"sqlite://{lib}/r.db\"\n[log]\nsyslog = false\n",
+            run = s.join("run").display(),
+            lib = s.join("lib").display(),
+        ),
+    )
+    .unwrap();
+    let out = init_script(dest.path(), s, &config, "start");
+    assert!(!out.status.success());
+    let said = format!("{}{}", stdout(&out), stderr(&out));
+    assert!(
+        said.contains(&format!("cannot listen on 127.0.0.1:{port}")),
+        "the cause, not a pointer to an empty log: {said}"
+    );
 }

@@ -121,12 +121,32 @@ async fn new_senders_are_inserted_and_admin_changes_land() {
         db.row("new@example.com").await,
         Some((50, 1, TOMORROW, true))
     );
-    // A key the Perl column cannot hold is limited in memory and does not
-    // stop the others from being written.
-    let long = format!("{}@example.com", "x".repeat(300));
-    c.ask(&Req::rcpt(&long, "k", "a@x")).await;
+    // A key the Perl column cannot hold (4-byte UTF-8 in a `utf8` column)
+    // is limited in memory and does not stop the others from being written.
+    c.ask(&Req::rcpt("emoji😀@example.com", "k", "a@x")).await;
     c.ask(&Req::rcpt("other@example.com", "k", "a@x")).await;
     assert_eq!(s.daemon().flush.flush().await, Ok(2));
+    assert_eq!(s.used("emoji😀@example.com"), 1);
+    {
+        use mysql_async::prelude::Queryable;
+        let pool = mysql_async::Pool::new(db.url().as_str());
+        let rows: Option<u64> = pool
+            .get_conn()
+            .await
+            .unwrap()
+            .query_first("SELECT COUNT(*) FROM ratelimit WHERE sender LIKE 'emoji%'")
+            .await
+            .unwrap();
+        pool.disconnect().await.unwrap();
+        assert_eq!(rows, Some(0), "not stored");
+    }
+    // A key longer than any column holds gets no counter at all.
+    let long = format!("{}@example.com", "x".repeat(300));
+    assert!(c
+        .ask(&Req::rcpt(&long, "k", "a@x"))
+        .await
+        .starts_with("DEFER_IF_PERMIT 4.7.1 sender login too long"));
+    assert!(s.daemon().store.get(&long).is_none());
     assert_eq!(
         db.row("other@example.com").await,
         Some((5, 1, TOMORROW, false))

@@ -166,6 +166,8 @@ pub struct Flusher<B> {
     /// A batch turned out to be applied already after such a merge: memory
     /// counts its units twice until every row is read again, soon.
     reread_soon: bool,
+    /// When the last "near max_counters" warning was logged.
+    near_cap_warned: Option<Instant>,
 }
 
 impl<B> fmt::Debug for Flusher<B> {
@@ -229,6 +231,7 @@ impl<B: Backend> Flusher<B> {
             mark: 0,
             merged_in_doubt: false,
             reread_soon: false,
+            near_cap_warned: None,
         };
         (flusher, FlushHandle { asker })
     }
@@ -297,6 +300,7 @@ impl<B: Backend> Flusher<B> {
                     if evicted > 0 {
                         log::debug!("evicted {evicted} idle counters");
                     }
+                    self.warn_near_max_counters();
                     done
                 }
                 Job::Refresh | Job::Reconcile => {
@@ -481,6 +485,27 @@ impl<B: Backend> Flusher<B> {
                 crate::protocol::Escaped(&key)
             ),
         }
+    }
+
+    /// Warns, at most once an hour, when the counters held pass 90% of
+    /// `max_counters` (after idle ones were evicted).
+    fn warn_near_max_counters(&mut self) {
+        let (count, max) = (self.store.count(), self.store.max_counters());
+        if count.saturating_mul(10) < max.saturating_mul(9) {
+            return;
+        }
+        if self
+            .near_cap_warned
+            .is_some_and(|at| at.elapsed() < Duration::from_secs(3600))
+        {
+            return;
+        }
+        self.near_cap_warned = Some(Instant::now());
+        log::warn!(
+            "{count} counters held, {}% of max_counters ({max}); past it, senders without a \
+             counter are answered counters_full_action, uncounted",
+            count.saturating_mul(100) / max.max(1)
+        );
     }
 
     /// Per key, what unconfirmed batches carry: the units of the latest

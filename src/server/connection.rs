@@ -24,7 +24,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
-use crate::policy::{evaluate, Charged, ConnectionMemory};
+use crate::policy::{evaluate, Charged, ConnectionMemory, DecisionKind};
 use crate::protocol::{encode_action, Escaped, Parser, PolicyRequest, ProtocolError};
 
 /// First size of a connection's read buffer: a Postfix request is about 700
@@ -155,6 +155,12 @@ fn answer(
     shared.stats.record(decision.kind);
     if decision.wrong_stage {
         shared.warn_wrong_stage(req.protocol_state, policy.charge_stage, now);
+    }
+    if matches!(
+        decision.kind,
+        DecisionKind::KeyTooLong | DecisionKind::CountersFull
+    ) {
+        shared.warn_uncounted(decision.kind, now);
     }
     if let Some(charged) = &decision.charged {
         // One plain load per request; the store happens once.

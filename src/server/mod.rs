@@ -16,8 +16,7 @@ pub mod connection;
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,7 +30,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::clock::Clock;
 use crate::config::ListenAddr;
-use crate::policy::Policy;
+use crate::policy::{DecisionKind, Policy};
 use crate::protocol::Bounds;
 use crate::stats::Stats;
 use crate::store::CounterStore;
@@ -63,8 +62,32 @@ pub struct Shared {
     pub stats: Arc<Stats>,
     /// Protocol bounds.
     pub bounds: Bounds,
-    /// Unix seconds of the last "wrong stage" warning, to warn once a minute.
-    last_stage_warning: AtomicI64,
+    /// The "wrong stage" warning, at most once a minute.
+    stage_warning: EveryMinute,
+    /// The "login too long" warning, at most once a minute.
+    long_key_warning: EveryMinute,
+    /// The "max_counters reached" warning, at most once a minute.
+    full_warning: EveryMinute,
+}
+
+/// Lets a warning through at most once a minute, whichever thread asks.
+#[derive(Debug)]
+struct EveryMinute(AtomicI64);
+
+impl EveryMinute {
+    fn new() -> Self {
+        EveryMinute(AtomicI64::new(i64::MIN))
+    }
+
+    /// True for the first call of each minute (`now` in unix seconds).
+    fn due(&self, now: i64) -> bool {
+        let last = self.0.load(Ordering::Relaxed);
+        now.saturating_sub(last) >= 60
+            && self
+                .0
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
 }
 
 impl Shared {
@@ -81,7 +104,9 @@ impl Shared {
             clock,
             stats,
             bounds: Bounds::default(),
-            last_stage_warning: AtomicI64::new(i64::MIN),
+            stage_warning: EveryMinute::new(),
+            long_key_warning: EveryMinute::new(),
+            full_warning: EveryMinute::new(),
         }
     }
 
@@ -101,13 +126,7 @@ impl Shared {
     /// as the Perl daemon's `smtpd_data_restrictions` with the default
     /// `charge_stage = "RCPT"`).
     fn warn_wrong_stage(&self, state: &str, charge_stage: crate::policy::Stage, now: i64) {
-        let last = self.last_stage_warning.load(Ordering::Relaxed);
-        if now.saturating_sub(last) < 60
-            || self
-                .last_stage_warning
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_err()
-        {
+        if !self.stage_warning.due(now) {
             return;
         }
         let state = crate::protocol::Escaped(state);
@@ -122,6 +141,33 @@ impl Shared {
                  charge_stage={charge_stage} since the start; if check_policy_service is where you \
                  want it, set charge_stage = \"{state}\" (README: \"Migrating from the Perl daemon\")"
             );
+        }
+    }
+}
+
+impl Shared {
+    /// Warns, at most once a minute, about requests answered without a
+    /// counter: logins longer than the store holds, or new senders while it
+    /// is at `max_counters`. Both are signs of forged requests on the policy
+    /// port (or of a `max_counters` too small for the site).
+    fn warn_uncounted(&self, kind: DecisionKind, now: i64) {
+        let stats = &self.stats;
+        match kind {
+            DecisionKind::KeyTooLong if self.long_key_warning.due(now) => log::warn!(
+                "{} requests with a login longer than {} bytes since the start, answered \
+                 key_too_long_action without a counter (forged? the policy port should be \
+                 reachable by Postfix only)",
+                stats.decisions(kind),
+                crate::store::MAX_KEY_BYTES
+            ),
+            DecisionKind::CountersFull if self.full_warning.due(now) => log::warn!(
+                "max_counters ({}) reached: {} requests from senders without a counter since the \
+                 start were answered counters_full_action, uncounted; idle counters are evicted at \
+                 every flush. Raise max_counters, or look for forged logins",
+                self.store.max_counters(),
+                stats.decisions(kind)
+            ),
+            _ => {}
         }
     }
 }
@@ -146,9 +192,7 @@ impl Listener {
         match addr {
             ListenAddr::Tcp(a) => Ok(Listener::Tcp(TcpListener::bind(a).await?)),
             ListenAddr::Unix(path) => {
-                remove_stale_socket(path).await?;
-                let l = UnixListener::bind(path)?;
-                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+                let l = crate::socket::bind_unix(path).await?;
                 Ok(Listener::Unix(l, path.clone()))
             }
         }
@@ -161,24 +205,6 @@ impl Listener {
             Listener::Unix(_, p) => Ok(ListenAddr::Unix(p.clone())),
         }
     }
-}
-
-/// Removes `path` if it is a socket nobody listens on.
-///
-/// # Errors
-///
-/// `AddrInUse` when a process answers on it.
-pub async fn remove_stale_socket(path: &Path) -> io::Result<()> {
-    if !path.exists() {
-        return Ok(());
-    }
-    if tokio::net::UnixStream::connect(path).await.is_ok() {
-        return Err(io::Error::new(
-            io::ErrorKind::AddrInUse,
-            format!("another process is listening on {}", path.display()),
-        ));
-    }
-    std::fs::remove_file(path)
 }
 
 /// Serves `listener` until `shutdown` is cancelled and every connection closed.

@@ -22,6 +22,7 @@ pub mod window;
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
@@ -143,7 +144,23 @@ pub struct CounterStore {
     resting: RwLock<HashMap<u64, u8, Hasher>>,
     /// Hashes keys for `resting`.
     hasher: Hasher,
+    /// Counters held (kept with every insert and removal, so that checking
+    /// the cap costs one atomic load).
+    count: AtomicUsize,
+    /// Most counters held: past it, a key without a counter gets none
+    /// ([`Full`]); also the most keys remembered in `resting`.
+    max_counters: AtomicUsize,
 }
+
+/// The longest key the store holds, in bytes: what the Perl schema's
+/// `VARCHAR(255)` can take. No real login is longer (an e-mail address has
+/// at most 254), so a longer one is answered without a counter.
+pub const MAX_KEY_BYTES: usize = 255;
+
+/// The store holds `max_counters` counters and the key is not one of them:
+/// it gets no counter (memory stays bounded under forged logins).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Full;
 
 impl Default for CounterStore {
     fn default() -> Self {
@@ -162,6 +179,33 @@ impl CounterStore {
             map: DashMap::with_hasher_and_shard_amount(Hasher::default(), SHARDS),
             resting: RwLock::new(HashMap::default()),
             hasher: Hasher::default(),
+            count: AtomicUsize::new(0),
+            max_counters: AtomicUsize::new(usize::MAX),
+        }
+    }
+
+    /// Sets the most counters held (`max_counters`; at start and reload).
+    pub fn set_max_counters(&self, max: usize) {
+        self.max_counters.store(max, Ordering::Relaxed);
+    }
+
+    /// The most counters held.
+    pub fn max_counters(&self) -> usize {
+        self.max_counters.load(Ordering::Relaxed)
+    }
+
+    /// Counters held, in O(1) (close to exact while requests race).
+    pub fn count(&self) -> usize {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    fn is_full(&self) -> bool {
+        self.count() >= self.max_counters()
+    }
+
+    fn note_removed(&self, n: usize) {
+        if n > 0 {
+            self.count.fetch_sub(n, Ordering::Relaxed);
         }
     }
 
@@ -172,21 +216,35 @@ impl CounterStore {
     /// Rolls the key's window if it has ended, charges `amount` and compares
     /// with the quota. A key seen for the first time is created with the
     /// default quota and checked like any other.
-    pub fn check_and_increment(&self, key: &str, amount: u32, now: i64, limit: &Limit) -> Outcome {
+    ///
+    /// # Errors
+    ///
+    /// [`Full`]: the key has no counter and the store holds `max_counters`.
+    pub fn check_and_increment(
+        &self,
+        key: &str,
+        amount: u32,
+        now: i64,
+        limit: &Limit,
+    ) -> Result<Outcome, Full> {
         if let Some(mut c) = self.map.get_mut(key) {
-            return Self::charge_counter(&mut c, amount, now, limit, false);
+            return Ok(Self::charge_counter(&mut c, amount, now, limit, false));
+        }
+        if self.is_full() {
+            return Err(Full);
         }
         // Another request may have inserted the key since `get_mut`.
-        match self.map.entry(Box::from(key)) {
+        Ok(match self.map.entry(Box::from(key)) {
             Entry::Occupied(mut e) => Self::charge_counter(e.get_mut(), amount, now, limit, false),
             Entry::Vacant(e) => {
                 // A row that rests in the backend makes this a returning
                 // sender, not a new one.
                 let returning = self.resting.read().contains_key(&self.key_hash(key));
                 let fresh = Counter::new(limit.rules.default_quota, limit.calendar.window_end(now));
+                self.count.fetch_add(1, Ordering::Relaxed);
                 Self::charge_counter(&mut e.insert(fresh), amount, now, limit, !returning)
             }
-        }
+        })
     }
 
     /// Checks an existing key without charging it: `None` for an unknown key
@@ -228,7 +286,9 @@ impl CounterStore {
             mark,
             ..Counter::new(row.quota, row.expiry.unwrap_or(0))
         };
-        self.map.insert(row.key.into_boxed_str(), counter);
+        if self.map.insert(row.key.into_boxed_str(), counter).is_none() {
+            self.count.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Takes the usage of every changed counter, leaving its `pending` at 0.
@@ -294,7 +354,9 @@ impl CounterStore {
             true
         });
         self.resting.write().retain(|_, m| *m == mark);
-        before.saturating_sub(self.map.len()) + reset
+        let removed = before.saturating_sub(self.map.len());
+        self.note_removed(removed);
+        removed + reset
     }
 
     /// How many keys rest in the backend without a counter in memory.
@@ -315,8 +377,22 @@ impl CounterStore {
             }
             !idle
         });
-        self.resting.write().extend(resting);
-        before.saturating_sub(self.map.len())
+        let removed = before.saturating_sub(self.map.len());
+        self.note_removed(removed);
+        self.rest(resting);
+        removed
+    }
+
+    /// Remembers keys whose rows rest in the backend, up to `max_counters`.
+    fn rest(&self, keys: impl IntoIterator<Item = (u64, u8)>) {
+        let max = self.max_counters();
+        let mut resting = self.resting.write();
+        for (h, mark) in keys {
+            if resting.len() >= max && !resting.contains_key(&h) {
+                break;
+            }
+            resting.insert(h, mark);
+        }
     }
 
     /// Carries no information: window over, nothing pending, no admin change
@@ -336,9 +412,17 @@ impl CounterStore {
         now: i64,
         limit: &Limit,
     ) -> Counter {
-        let mut c = self.map.entry(Box::from(key)).or_insert_with(|| {
-            Counter::new(limit.rules.default_quota, limit.calendar.window_end(now))
-        });
+        // An administrator's counter is made even past max_counters.
+        let mut c = match self.map.entry(Box::from(key)) {
+            Entry::Occupied(e) => e.into_ref(),
+            Entry::Vacant(e) => {
+                self.count.fetch_add(1, Ordering::Relaxed);
+                e.insert(Counter::new(
+                    limit.rules.default_quota,
+                    limit.calendar.window_end(now),
+                ))
+            }
+        };
         c.roll(now, || limit.calendar.window_end(now), &limit.rules);
         c.quota = quota;
         c.persist = persist;
@@ -409,9 +493,10 @@ impl CounterStore {
                 persist: row.persist,
                 ..Counter::new(row.quota, row.expiry.unwrap_or(0))
             };
-            if Self::is_idle(&counter, now) {
-                let h = self.key_hash(&row.key);
-                self.resting.write().insert(h, mark);
+            // Past max_counters a row rests too: its sender is treated as
+            // one without a counter until room is made.
+            if Self::is_idle(&counter, now) || self.is_full() {
+                self.rest([(self.key_hash(&row.key), mark)]);
             } else {
                 self.load(row, mark);
             }
@@ -471,9 +556,16 @@ impl CounterStore {
 
     /// A copy of every counter, taken one shard at a time.
     pub fn snapshot(&self) -> Vec<(Box<str>, Counter)> {
-        let mut out = Vec::with_capacity(self.map.len());
+        self.select(|_| true)
+    }
+
+    /// A copy of the counters `keep` selects, one shard at a time.
+    pub fn select(&self, mut keep: impl FnMut(&Counter) -> bool) -> Vec<(Box<str>, Counter)> {
+        let mut out = Vec::new();
         for e in self.map.iter() {
-            out.push((e.key().clone(), *e.value()));
+            if keep(e.value()) {
+                out.push((e.key().clone(), *e.value()));
+            }
         }
         out
     }
@@ -538,7 +630,7 @@ mod tests {
     fn new_keys_get_the_default_and_are_checked() {
         let s = CounterStore::new();
         let l = limit(2);
-        let o = s.check_and_increment("a", 1, 10, &l);
+        let o = s.check_and_increment("a", 1, 10, &l).unwrap();
         assert_eq!(
             o,
             Outcome {
@@ -551,20 +643,24 @@ mod tests {
                 first_refusal: false
             }
         );
-        let o = s.check_and_increment("a", 2, 11, &l);
+        let o = s.check_and_increment("a", 2, 11, &l).unwrap();
         assert!(!o.accepted && !o.inserted);
         assert_eq!(s.check("a", 12, &l).map(|o| o.accepted), Some(false));
         assert_eq!(s.check("nobody", 12, &l), None);
         let l0 = limit(0);
-        assert!(!s.check_and_increment("blocked", 1, 10, &l0).accepted);
+        assert!(
+            !s.check_and_increment("blocked", 1, 10, &l0)
+                .unwrap()
+                .accepted
+        );
     }
 
     #[test]
     fn dirty_deltas_are_taken_once() {
         let s = CounterStore::new();
         let l = limit(10);
-        s.check_and_increment("a", 3, 10, &l);
-        s.check_and_increment("b", 1, 10, &l);
+        s.check_and_increment("a", 3, 10, &l).unwrap();
+        s.check_and_increment("b", 1, 10, &l).unwrap();
         let mut d = s.take_dirty();
         d.sort_by(|x, y| x.key.cmp(&y.key));
         assert_eq!(
@@ -574,7 +670,7 @@ mod tests {
             [("a", 3, 100), ("b", 1, 100)]
         );
         assert!(s.take_dirty().is_empty());
-        s.check_and_increment("a", 1, 20, &l);
+        s.check_and_increment("a", 1, 20, &l).unwrap();
         assert_eq!(s.pending(), (1, 1));
         assert_eq!(s.get("a").unwrap().used, 4, "used keeps everything");
     }
@@ -593,8 +689,8 @@ mod tests {
         for k in ["kept", "gone", "busy", "admin"] {
             s.merge_stored(row(k), 10, 1, None);
         }
-        s.check_and_increment("never-stored", 1, 10, &l);
-        s.check_and_increment("busy", 4, 10, &l);
+        s.check_and_increment("never-stored", 1, 10, &l).unwrap();
+        s.check_and_increment("busy", 4, 10, &l).unwrap();
         s.set_quota("admin", 7, true, 10, &l);
         // The next full re-read (generation 2) sees only "kept".
         s.merge_stored(row("kept"), 10, 2, None);
@@ -652,11 +748,11 @@ mod tests {
             },
             0,
         );
-        let p = s.check_and_increment("p", 1, 60, &l);
+        let p = s.check_and_increment("p", 1, 60, &l).unwrap();
         assert_eq!((p.used, p.quota, p.expiry, p.inserted), (1, 2, 100, false));
-        let n = s.check_and_increment("n", 1, 60, &l);
+        let n = s.check_and_increment("n", 1, 60, &l).unwrap();
         assert_eq!((n.used, n.quota), (1, 10));
-        assert!(!s.check_and_increment("live", 1, 60, &l).accepted);
+        assert!(!s.check_and_increment("live", 1, 60, &l).unwrap().accepted);
     }
 
     #[test]
@@ -683,9 +779,34 @@ mod tests {
             },
             0,
         );
-        s.check_and_increment("active", 1, 60, &l);
+        s.check_and_increment("active", 1, 60, &l).unwrap();
         assert_eq!(s.evict_idle(60), 1);
         assert!(s.get("old").is_none() && s.get("vip").is_some() && s.get("active").is_some());
+    }
+
+    #[test]
+    fn past_max_counters_new_keys_get_none() {
+        let s = CounterStore::new();
+        s.set_max_counters(2);
+        let l = limit(10);
+        s.check_and_increment("a", 1, 10, &l).unwrap();
+        s.check_and_increment("b", 1, 10, &l).unwrap();
+        assert_eq!(s.check_and_increment("c", 1, 10, &l), Err(Full));
+        assert_eq!(
+            s.check_and_increment("a", 1, 10, &l).unwrap().used,
+            2,
+            "known keys go on"
+        );
+        assert_eq!((s.count(), s.len()), (2, 2));
+        // Idle counters make room when evicted.
+        s.take_dirty();
+        assert_eq!(s.evict_idle(150), 2);
+        assert_eq!(s.count(), 0);
+        assert!(s.check_and_increment("c", 1, 150, &l).is_ok());
+        // An administrator's counter is made anyway.
+        s.check_and_increment("d", 1, 150, &l).unwrap();
+        s.set_quota("e", 5, true, 150, &l);
+        assert_eq!(s.count(), 3);
     }
 
     #[test]
@@ -706,22 +827,30 @@ mod tests {
         assert!(s.get("idle").is_none() && s.get("live").is_some() && s.get("vip").is_some());
         assert_eq!(s.resting(), 1);
         assert!(
-            !s.check_and_increment("idle", 1, 60, &l).inserted,
+            !s.check_and_increment("idle", 1, 60, &l).unwrap().inserted,
             "returning"
         );
-        assert!(s.check_and_increment("brand-new", 1, 60, &l).inserted);
+        assert!(
+            s.check_and_increment("brand-new", 1, 60, &l)
+                .unwrap()
+                .inserted
+        );
         // A stored counter evicted after its window rests too.
         s.mark_stored(["brand-new"]);
-        s.check_and_increment("idle", 0, 60, &l);
+        s.check_and_increment("idle", 0, 60, &l).unwrap();
         s.take_dirty();
         assert_eq!(s.evict_idle(200), 3, "idle, brand-new, live");
-        assert!(!s.check_and_increment("brand-new", 1, 200, &l).inserted);
+        assert!(
+            !s.check_and_increment("brand-new", 1, 200, &l)
+                .unwrap()
+                .inserted
+        );
         // A full re-read that no longer sees a row forgets it.
         s.merge_stored(row("live", 100, false), 210, 2, None);
         s.forget_unseen(2, 10);
         assert_eq!(s.resting(), 1, "only live's row is still there");
         assert!(
-            s.check_and_increment("idle", 1, 210, &l).inserted,
+            s.check_and_increment("idle", 1, 210, &l).unwrap().inserted,
             "deleted: new again"
         );
     }
@@ -741,7 +870,7 @@ mod tests {
         s.merge_stored(row("new", 5, 3, 100, false), 60, 1, None);
         assert_eq!(s.get("new").map(|c| (c.quota, c.used)), Some((5, 3)));
         // Same window: stored used (everyone's flushed usage) + our pending.
-        s.check_and_increment("same", 2, 10, &l);
+        s.check_and_increment("same", 2, 10, &l).unwrap();
         s.merge_stored(row("same", 20, 7, 100, true), 60, 1, None);
         let c = s.get("same").unwrap();
         assert_eq!((c.quota, c.used, c.pending, c.persist), (20, 9, 2, true));
@@ -755,7 +884,7 @@ mod tests {
         let c = s.get("same").unwrap();
         assert_eq!((c.used, c.expiry, c.pending), (4, 300, 0));
         // Finished stored window: only a persistent quota is taken.
-        s.check_and_increment("ours", 4, 10, &l);
+        s.check_and_increment("ours", 4, 10, &l).unwrap();
         s.merge_stored(row("ours", 99, 50, 50, false), 60, 1, None);
         assert_eq!(s.get("ours").map(|c| (c.quota, c.used)), Some((10, 4)));
         s.merge_stored(row("ours", 99, 50, 50, true), 60, 1, None);
@@ -771,7 +900,7 @@ mod tests {
             Some((7, false, 5))
         );
         // Units of a flush not yet confirmed count as not stored.
-        s.check_and_increment("flying", 3, 10, &l);
+        s.check_and_increment("flying", 3, 10, &l).unwrap();
         let taken = s.take_dirty();
         let flying = |window, units| InFlight {
             window,

@@ -182,6 +182,18 @@ impl Calendar {
         }
     }
 
+    /// `unix_secs` as local `YYYY-MM-DD HH:MM:SS TZ` (for events such as a
+    /// flush, where the second matters).
+    pub fn format_local_seconds(&self, unix_secs: i64) -> String {
+        match DateTime::from_timestamp(unix_secs, 0) {
+            Some(utc) => utc
+                .with_timezone(&self.tz)
+                .format("%Y-%m-%d %H:%M:%S %Z")
+                .to_string(),
+            None => unix_secs.to_string(),
+        }
+    }
+
     fn offset_at(&self, now: i64) -> i32 {
         let utc = DateTime::from_timestamp(now, 0)
             .unwrap_or_default()

@@ -272,3 +272,43 @@ pub fn skip(why: &str) {
     }
     eprintln!("SKIPPED: {why}");
 }
+
+/// [`start_with`], plus a control socket at `control_socket` (for driving
+/// the real CLI against a daemon whose clock the test moves).
+pub async fn start_with_control<B: Backend>(
+    toml: &str,
+    backend: Arc<B>,
+    clock: ManualClock,
+    control_socket: &std::path::Path,
+) -> TestServer<B> {
+    let config = config(toml);
+    let listener = Listener::bind(&config.listen).await.expect("bind");
+    let control = ratelimit_policyd::control::ControlListener::bind(control_socket)
+        .await
+        .expect("bind the control socket");
+    let shutdown = CancellationToken::new();
+    let daemon = daemon::start(
+        &config,
+        None,
+        Arc::clone(&backend),
+        Arc::new(clock.clone()),
+        Listeners {
+            policy: listener,
+            control: Some(control),
+        },
+        shutdown.clone(),
+    )
+    .await
+    .expect("daemon starts");
+    let addr = match daemon.local_addr {
+        ListenAddr::Tcp(a) => a,
+        ListenAddr::Unix(_) => "0.0.0.0:0".parse().unwrap(),
+    };
+    TestServer {
+        addr,
+        clock,
+        backend,
+        shutdown,
+        daemon: Some(daemon),
+    }
+}

@@ -393,6 +393,54 @@ scenario7() {
     echo "ok: the same on MySQL; 6 stored"
 }
 
+scenario8() {
+    local dir=$WORK/s8 spool=$WORK/queue/ratelimit
+    say "8: the installed recipe: unix:ratelimit/policy, daemon as an unprivileged user"
+    # As install.sh makes it: the daemon's user, group postfix, setgid.
+    install -d -o nobody -g postfix -m 2750 "$spool"
+    install -d -o nobody -m 0750 "$dir"
+    cat > "$dir/config.toml" <<EOF
+listen = "unix:$spool/policy"
+control_socket = "$dir/control.sock"
+[limits]
+timezone = "UTC"
+default_quota = 2
+[database]
+url = "sqlite://$dir/ratelimit.db"
+[log]
+syslog = false
+file = "$dir/daemon.log"
+EOF
+    chown nobody "$dir/config.toml"
+    # setpriv execs the daemon itself (no parent in between): its exit code is ours.
+    setpriv --reuid=nobody --regid=nogroup --clear-groups "$BIN" run --config "$dir/config.toml" --quiet &
+    DAEMON_PID=$!
+    for _ in $(seq 1 100); do
+        [ -S "$spool/policy" ] && break
+        kill -0 "$DAEMON_PID" 2>/dev/null || fail "the daemon exited at start"
+        sleep 0.1
+    done
+    [ -S "$spool/policy" ] || fail "no socket at $spool/policy"
+    expect_eq "$(stat -c '%a %G' "$spool/policy")" "660 postfix" "the socket's mode and group"
+    # Another local user cannot reach it.
+    if runuser -u daemon -- python3 -c "import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])" "$spool/policy" 2>/dev/null; then
+        fail "user daemon could connect to the policy socket"
+    fi
+    clear_restrictions
+    restrictions smtpd_sender_restrictions "check_policy_service { unix:ratelimit/policy, default_action=DUNNO }"
+    local t
+    t=$(send alice r1@example.com,r2@example.com,r3@example.com)
+    expect "$t" "$RCPT_OK" 2 "2 recipients accepted through the unix socket"
+    expect "$t" '^ *<\*\* *450 4\.7\.1 .*sender quota exceeded \(3/2\)' 1 "the third deferred"
+    kill -TERM "$DAEMON_PID"
+    local rc=0
+    wait "$DAEMON_PID" || rc=$?
+    DAEMON_PID=""
+    [ "$rc" = 0 ] || fail "the daemon exited with $rc"
+    expect_eq "$(stored "$dir" alice@e2e.test)" 3 "alice's count, written by the unprivileged daemon"
+    echo "ok: Postfix reached the daemon at unix:ratelimit/policy (660, group postfix); user daemon could not"
+}
+
 started=$(date +%s)
 scenario1 "" ""
 scenario2
@@ -401,5 +449,6 @@ scenario4
 scenario5
 scenario6
 scenario7
+scenario8
 echo
-echo "e2e: 7 passed, 0 failed ($(( $(date +%s) - started )) s)"
+echo "e2e: 8 passed, 0 failed ($(( $(date +%s) - started )) s)"
